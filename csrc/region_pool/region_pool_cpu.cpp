@@ -1,0 +1,133 @@
+// CPU (OpenMP) region_pool. Forward: one task per (batch, region). Backward: one task per
+// (batch, channel chunk), each walking regions, bins and samples in a fixed order, so the result is
+// bitwise reproducible whatever the thread count.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "region_pool/region_pool.h"
+#include "region_pool/roi_math.h"
+
+namespace gkcore {
+namespace {
+
+template <typename T>
+void forward_impl(const T* tokens, const T* boxes, T* out, const RegionPoolShape& s) {
+  const int N = s.gh * s.gw, C = s.C, nb = s.oh * s.ow;
+  const long long tasks = (long long)s.B * s.R;
+#pragma omp parallel
+  {
+    std::vector<T> acc((size_t)C);
+#pragma omp for schedule(static)
+    for (long long t = 0; t < tasks; ++t) {
+      const int b = (int)(t / s.R);
+      const T* bx = boxes + t * 4;
+      const T* tok = tokens + (size_t)b * N * C;
+      const RoiGeom<T> g = roi_geom<T>(bx[0], bx[1], bx[2], bx[3], s.gh, s.gw, s.oh, s.ow,
+                                       s.sampling_ratio, s.aligned);
+      T* o_region = out + (size_t)t * (s.reduce ? 1 : nb) * C;
+      if (s.reduce) std::fill(acc.begin(), acc.end(), T(0));
+      for (int ph = 0; ph < s.oh; ++ph) {
+        for (int pw = 0; pw < s.ow; ++pw) {
+          if (!s.reduce) std::fill(acc.begin(), acc.end(), T(0));
+          for (int iy = 0; iy < g.grid_h; ++iy) {
+            for (int ix = 0; ix < g.grid_w; ++ix) {
+              T y, x;
+              sample_point(g, ph, pw, iy, ix, &y, &x);
+              int idx[4];
+              T w[4];
+              if (!bilinear(y, x, s.gh, s.gw, idx, w)) continue;
+              const T* r0 = tok + (size_t)idx[0] * C;
+              const T* r1 = tok + (size_t)idx[1] * C;
+              const T* r2 = tok + (size_t)idx[2] * C;
+              const T* r3 = tok + (size_t)idx[3] * C;
+              T* a = acc.data();
+#pragma omp simd
+              for (int c = 0; c < C; ++c) a[c] += w[0] * r0[c] + w[1] * r1[c] + w[2] * r2[c] + w[3] * r3[c];
+            }
+          }
+          if (!s.reduce) {
+            T* o = o_region + (size_t)(ph * s.ow + pw) * C;
+            for (int c = 0; c < C; ++c) o[c] = acc[c] * g.inv_count;
+          }
+        }
+      }
+      if (s.reduce) {
+        const T scale = g.inv_count / T(nb);
+        for (int c = 0; c < C; ++c) o_region[c] = acc[c] * scale;
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward_impl(const T* grad_out, const T* boxes, T* grad_tokens, const RegionPoolShape& s) {
+  const int N = s.gh * s.gw, C = s.C, nb = s.oh * s.ow;
+  // Channel chunks give parallelism when B is small; each chunk is owned by one task.
+  const int chunk = std::max(16, std::min(C, 256));
+  const int nchunks = (C + chunk - 1) / chunk;
+  const long long tasks = (long long)s.B * nchunks;
+#pragma omp parallel for schedule(static)
+  for (long long t = 0; t < tasks; ++t) {
+    const int b = (int)(t / nchunks);
+    const int c0 = (int)(t % nchunks) * chunk;
+    const int c1 = std::min(C, c0 + chunk);
+    T* gt = grad_tokens + (size_t)b * N * C;
+    for (int n = 0; n < N; ++n) std::memset(gt + (size_t)n * C + c0, 0, sizeof(T) * (c1 - c0));
+    for (int r = 0; r < s.R; ++r) {
+      const T* bx = boxes + ((size_t)b * s.R + r) * 4;
+      const RoiGeom<T> g = roi_geom<T>(bx[0], bx[1], bx[2], bx[3], s.gh, s.gw, s.oh, s.ow,
+                                       s.sampling_ratio, s.aligned);
+      const T* go_region = grad_out + ((size_t)b * s.R + r) * (s.reduce ? 1 : nb) * C;
+      const T scale = s.reduce ? g.inv_count / T(nb) : g.inv_count;
+      for (int ph = 0; ph < s.oh; ++ph) {
+        for (int pw = 0; pw < s.ow; ++pw) {
+          const T* go = s.reduce ? go_region : go_region + (size_t)(ph * s.ow + pw) * C;
+          for (int iy = 0; iy < g.grid_h; ++iy) {
+            for (int ix = 0; ix < g.grid_w; ++ix) {
+              T y, x;
+              sample_point(g, ph, pw, iy, ix, &y, &x);
+              int idx[4];
+              T w[4];
+              if (!bilinear(y, x, s.gh, s.gw, idx, w)) continue;
+              for (int k = 0; k < 4; ++k) {
+                const T wk = w[k] * scale;
+                T* dst = gt + (size_t)idx[k] * C;
+#pragma omp simd
+                for (int c = c0; c < c1; ++c) dst[c] += wk * go[c];
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void region_pool_forward_cpu(DType dt, const void* tokens, const void* boxes, void* out,
+                             const RegionPoolShape& s) {
+  switch (dt) {
+    case DType::F32:
+      return forward_impl((const float*)tokens, (const float*)boxes, (float*)out, s);
+    case DType::F64:
+      return forward_impl((const double*)tokens, (const double*)boxes, (double*)out, s);
+    default:
+      throw Error(std::string("region_pool (cpu): unsupported dtype ") + dtype_name(dt));
+  }
+}
+
+void region_pool_backward_cpu(DType dt, const void* grad_out, const void* boxes, void* grad_tokens,
+                              const RegionPoolShape& s) {
+  switch (dt) {
+    case DType::F32:
+      return backward_impl((const float*)grad_out, (const float*)boxes, (float*)grad_tokens, s);
+    case DType::F64:
+      return backward_impl((const double*)grad_out, (const double*)boxes, (double*)grad_tokens, s);
+    default:
+      throw Error(std::string("region_pool (cpu): unsupported dtype ") + dtype_name(dt));
+  }
+}
+
+}  // namespace gkcore
