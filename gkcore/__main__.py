@@ -1,0 +1,5 @@
+import sys
+
+from gkcore.cli import main
+
+sys.exit(main())
