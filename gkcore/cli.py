@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == name:  # the module itself is absent; a missing dependency inside it is an error
+            # the module (or its package) is not part of this install: leave the command out;
+            # a missing dependency inside an existing module is a real error
+            if e.name and (name == e.name or name.startswith(e.name + ".")):
                 continue
             raise
         mod.register(sub)
