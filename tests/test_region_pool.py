@@ -97,7 +97,9 @@ def test_parity_property_cpu(seed, B, gh, gw, C, R, output_size, sampling_ratio,
             return region_pool(tt, b, None if channels_last else (gh, gw), backend=backend, **kw)
         return f
 
-    check_parity(run("cpu"), run("reference"), [tokens, boxes], atol=1e-6, name="region_pool cpu")
+    # floor: fp32 sums of up to R * bins * samples terms into one token (sequential in the C++ backward,
+    # blocked in the reference bmm) differ by a few ulps of the largest value
+    check_parity(run("cpu"), run("reference"), [tokens, boxes], atol=1e-6, rtol_floor=1e-5, name="region_pool cpu")
 
 
 @pytest.mark.interpreter

@@ -67,13 +67,18 @@ void backward_impl(const T* grad_out, const T* boxes, T* grad_tokens, const Regi
   const int chunk = std::max(16, std::min(C, 256));
   const int nchunks = (C + chunk - 1) / chunk;
   const long long tasks = (long long)s.B * nchunks;
-#pragma omp parallel for schedule(static)
+  // Each token can receive thousands of contributions (regions x bins x samples x corners): they are
+  // summed in double, then rounded once, so the result does not drift with the number of regions.
+#pragma omp parallel
+  {
+  std::vector<double> acc;
+#pragma omp for schedule(static)
   for (long long t = 0; t < tasks; ++t) {
     const int b = (int)(t / nchunks);
     const int c0 = (int)(t % nchunks) * chunk;
     const int c1 = std::min(C, c0 + chunk);
-    T* gt = grad_tokens + (size_t)b * N * C;
-    for (int n = 0; n < N; ++n) std::memset(gt + (size_t)n * C + c0, 0, sizeof(T) * (c1 - c0));
+    const int w_ = c1 - c0;
+    acc.assign((size_t)N * w_, 0.0);
     for (int r = 0; r < s.R; ++r) {
       const T* bx = boxes + ((size_t)b * s.R + r) * 4;
       const RoiGeom<T> g = roi_geom<T>(bx[0], bx[1], bx[2], bx[3], s.gh, s.gw, s.oh, s.ow,
@@ -91,16 +96,21 @@ void backward_impl(const T* grad_out, const T* boxes, T* grad_tokens, const Regi
               T w[4];
               if (!bilinear(y, x, s.gh, s.gw, idx, w)) continue;
               for (int k = 0; k < 4; ++k) {
-                const T wk = w[k] * scale;
-                T* dst = gt + (size_t)idx[k] * C;
+                const double wk = (double)(w[k] * scale);
+                double* dst = acc.data() + (size_t)idx[k] * w_;
+                const T* src = go + c0;
 #pragma omp simd
-                for (int c = c0; c < c1; ++c) dst[c] += wk * go[c];
+                for (int c = 0; c < w_; ++c) dst[c] += wk * (double)src[c];
               }
             }
           }
         }
       }
     }
+    T* gt = grad_tokens + (size_t)b * N * C;
+    for (int n = 0; n < N; ++n)
+      for (int c = 0; c < w_; ++c) gt[(size_t)n * C + c0 + c] = (T)acc[(size_t)n * w_ + c];
+  }
   }
 }
 
