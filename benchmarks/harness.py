@@ -17,8 +17,8 @@ Use from a pytest-benchmark test::
 * records everything in ``benchmark.extra_info`` (op, provider, mode, shape, device, peak bytes, error),
   which ``gkcore bench`` turns into its table and results JSON.
 
-Modes: ``forward`` (no grad), ``backward`` (only the backward of a graph built outside the timer,
-retain_graph), ``full`` (forward + backward).
+Modes: ``forward`` (no grad), ``backward`` (only the backward of a graph rebuilt outside the timer before every call),
+``full`` (forward + backward).
 """
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def bench_case(benchmark, *, op: str, provider: str, mode: str, shape: Mapping[s
 
         def run():
             o, g = state["og"]
-            o.backward(g, retain_graph=True)
+            o.backward(g)  # setup() rebuilds the graph before every timed call
             sync(dev)
             return state["out"]
     else:
