@@ -1,0 +1,361 @@
+"""info_nce: InfoNCE / contrastive cross-entropy of queries against keys (+ queue) without the (M, N)
+logits (see gkcore/reference/contrastive.py for the math).
+
+Backends: ``triton`` (fp32/fp16/bf16 with fp32 accumulation, online log-sum-exp over key tiles, backward
+recomputes the tiles: one row-side kernel for the query gradient, one key-side kernel for the keys'
+gradient, deterministic), ``cpu`` (C++/OpenMP, fp32/fp64, the same tiling; when the keys need no gradient,
+e.g. a momentum queue, the query gradient is accumulated online during the forward so that the backward
+does no recomputation), ``reference`` (plain torch, any device and dtype, materialises the logits).
+
+The kernels return per-row losses (M,) (0 for rows without a positive) and per-row log-sum-exp values
+(M,) (plus those of the soft targets); the reduction is plain torch on (M,) values, so one backward
+serves every reduction. Row quantities used by the backward::
+
+    A_i = sum_j (p_ij - t_ij) k_j            (M, D)   ->  dq_i = g_i * scale * A_i,  dscale = sum_i g_i <q_i, A_i>
+    C_j = sum_i g_i (p_ij - t_ij) q_i        (N, D)   ->  dk_j = scale * C_j
+
+where p = softmax(s), t the target distribution and g the upstream gradient per row.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .. import _ext
+from ..reference.contrastive import info_nce_reference
+from . import _triton
+from ._util import check_same_device, check_tensor, is_compiling, new_output
+from .registry import Backend, register_op
+
+__all__ = ["info_nce", "OP", "validate"]
+
+OP = register_op("info_nce", "InfoNCE / contrastive loss with queue, soft targets and multi-positives, "
+                             "without materialising the logits")
+
+_REDUCTIONS = ("mean", "sum", "none")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def validate(query, keys, scale, positives, soft_query, alpha, label_smoothing, reduction):
+    """Checks shapes, dtypes, devices and scalars; raises ``ValueError`` naming the bad argument."""
+    check_tensor("query", query, (2,), floating=True)
+    check_tensor("keys", keys, (2,), floating=True)
+    M, D = query.shape
+    N = keys.shape[0]
+    if keys.shape[1] != D:
+        raise ValueError(f"keys must have shape (N, D={D}) like query (M, D), got {tuple(keys.shape)}")
+    if keys.dtype != query.dtype:
+        raise ValueError(f"keys dtype {keys.dtype} does not match query dtype {query.dtype}")
+    if N < 1:
+        raise ValueError("keys must hold at least one key (N >= 1)")
+    if isinstance(scale, torch.Tensor):
+        if not scale.is_floating_point():
+            raise ValueError(f"scale must be a float or a floating 0-d tensor, got dtype {scale.dtype}")
+        if scale.numel() != 1:
+            raise ValueError(f"scale must be a float or a 0-d tensor, got shape {tuple(scale.shape)}")
+        if scale.device != query.device:
+            raise ValueError(f"scale is on {scale.device} but query is on {query.device}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a float or a 0-d tensor, got {type(scale).__name__}")
+    elif not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
+    if soft_query is not None:
+        check_tensor("soft_query", soft_query, (2,), floating=True)
+        if tuple(soft_query.shape) != (M, D):
+            raise ValueError(f"soft_query must have query's shape ({M}, {D}), got {tuple(soft_query.shape)}")
+        if soft_query.dtype != query.dtype:
+            raise ValueError(f"soft_query dtype {soft_query.dtype} does not match query dtype {query.dtype}")
+    if float(alpha) > 0.0 and soft_query is None:
+        raise ValueError("alpha > 0 needs soft_query (the momentum queries of the soft targets)")
+    if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool) \
+            or not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_same_device(query=query, keys=keys, soft_query=soft_query, positives=positives)
+    if positives is None:
+        if N < M:
+            raise ValueError(f"positives=None takes key i as the positive of query i, so it needs N >= M; "
+                             f"got M={M} queries and N={N} keys")
+    else:
+        check_tensor("positives", positives)
+        if positives.dtype == torch.bool:
+            if tuple(positives.shape) != (M, N):
+                raise ValueError(f"a bool positives mask must have shape (M={M}, N={N}), got {tuple(positives.shape)}")
+        elif positives.is_floating_point() or positives.is_complex():
+            raise ValueError(f"positives must be an integer (M,) index tensor or a bool (M, N) mask, "
+                             f"got dtype {positives.dtype}")
+        else:
+            if tuple(positives.shape) != (M,):
+                raise ValueError(f"integer positives must have shape (M={M},), got {tuple(positives.shape)}")
+            if positives.numel() and not is_compiling():
+                if bool((positives >= N).any()):
+                    raise ValueError(f"integer positives must be < N={N} (negative = no positive), "
+                                     f"got max {int(positives.max())}")
+
+
+# ------------------------------------------------------------------------------------------- kernels
+def _acc_dtype(dt: torch.dtype) -> torch.dtype:
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
+    return like.new_empty((0,), dtype=dtype or like.dtype)
+
+
+@torch.library.custom_op("gkcore::info_nce_fwd", mutates_args=())
+def _info_nce_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor,
+                  mask: Optional[torch.Tensor], soft_query: Optional[torch.Tensor], alpha: float, eps: float,
+                  fuse_dq: bool, impl: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (loss (M,), lse (M,), soft lse (M,) or (0,), A (M, D) or (0,)) in the accumulation dtype.
+
+    ``idx`` (M,) int64 positive index per row (negative: none) or (0,) when ``mask`` (M, N) bool is given.
+    ``A`` is computed only with ``fuse_dq`` (cpu backend)."""
+    query, keys = query.contiguous(), keys.contiguous()
+    M, D = query.shape
+    N = keys.shape[0]
+    dev = query.device
+    acc = _acc_dtype(query.dtype)
+    soft = soft_query is not None and alpha > 0.0
+    sq = soft_query.contiguous() if soft else None
+    mask = mask.contiguous() if mask is not None else None
+    idx = idx.contiguous()
+    loss = new_output((M,), dtype=acc, device=dev)
+    lse = new_output((M,), dtype=acc, device=dev)
+    lse_m = new_output((M,), dtype=acc, device=dev) if soft else _empty(query, acc)
+    A = new_output((M, D), dtype=acc, device=dev) if fuse_dq else _empty(query, acc)
+    if M == 0:
+        return loss, lse, lse_m, A
+    if impl == "cpu":
+        _ext.ext().info_nce_forward_cpu(_ext.dtype_code(query.dtype), query.data_ptr(), keys.data_ptr(), _ptr(sq),
+                                        _ptr(idx if mask is None else None), _ptr(mask), float(scale),
+                                        float(alpha), float(eps), loss.data_ptr(), lse.data_ptr(),
+                                        _ptr(lse_m if soft else None), _ptr(A if fuse_dq else None), M, N, D)
+    elif impl == "triton":
+        from gkcore.kernels.contrastive import info_nce_forward
+
+        info_nce_forward(query, keys, sq, idx if mask is None else None, mask, scale, float(alpha), float(eps),
+                         loss, lse, lse_m if soft else None)
+    else:
+        raise ValueError(f"unknown info_nce implementation {impl!r}")
+    return loss, lse, lse_m, A
+
+
+@_info_nce_fwd.register_fake
+def _(query, keys, scale, idx, mask, soft_query, alpha, eps, fuse_dq, impl):
+    M, D = query.shape
+    acc = _acc_dtype(query.dtype)
+    soft = soft_query is not None and alpha > 0.0
+    return (query.new_empty((M,), dtype=acc), query.new_empty((M,), dtype=acc),
+            query.new_empty((M,) if soft else (0,), dtype=acc), query.new_empty((M, D) if fuse_dq else (0,), dtype=acc))
+
+
+@torch.library.custom_op("gkcore::info_nce_bwd", mutates_args=())
+def _info_nce_bwd(g: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor,
+                  mask: Optional[torch.Tensor], soft_query: Optional[torch.Tensor], lse: torch.Tensor,
+                  lse_m: torch.Tensor, alpha: float, eps: float, need_a: bool, need_c: bool,
+                  impl: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A (M, D), C (N, D)) in the accumulation dtype (see the module docstring); one not needed comes back
+    as an empty (0,) tensor. ``g`` (M,) is the upstream gradient per row, 0 at rows without a positive."""
+    query, keys = query.contiguous(), keys.contiguous()
+    M, D = query.shape
+    N = keys.shape[0]
+    dev = query.device
+    acc = _acc_dtype(query.dtype)
+    soft = soft_query is not None and alpha > 0.0
+    sq = soft_query.contiguous() if soft else None
+    mask = mask.contiguous() if mask is not None else None
+    g = g.to(acc).contiguous()
+    lse, lse_m = lse.contiguous(), lse_m.contiguous()
+    A = new_output((M, D), dtype=acc, device=dev) if need_a else None
+    C = new_output((N, D), dtype=acc, device=dev) if need_c else None
+    if M == 0:
+        return (A if A is not None else _empty(query, acc), C.zero_() if C is not None else _empty(query, acc))
+    if impl == "cpu":
+        _ext.ext().info_nce_backward_cpu(_ext.dtype_code(query.dtype), query.data_ptr(), keys.data_ptr(), _ptr(sq),
+                                         _ptr(idx if mask is None else None), _ptr(mask), float(scale), float(alpha),
+                                         float(eps), lse.data_ptr(), _ptr(lse_m if soft else None), g.data_ptr(),
+                                         _ptr(A), _ptr(C), M, N, D)
+    elif impl == "triton":
+        from gkcore.kernels.contrastive import info_nce_backward
+
+        info_nce_backward(query, keys, sq, idx if mask is None else None, mask, scale, float(alpha), float(eps),
+                          lse, lse_m if soft else None, g, A, C)
+    else:
+        raise ValueError(f"unknown info_nce implementation {impl!r}")
+    return (A if A is not None else _empty(query, acc), C if C is not None else _empty(query, acc))
+
+
+@_info_nce_bwd.register_fake
+def _(g, query, keys, scale, idx, mask, soft_query, lse, lse_m, alpha, eps, need_a, need_c, impl):
+    M, D = query.shape
+    N = keys.shape[0]
+    acc = _acc_dtype(query.dtype)
+    return (query.new_empty((M, D) if need_a else (0,), dtype=acc),
+            query.new_empty((N, D) if need_c else (0,), dtype=acc))
+
+
+def _setup_context(ctx, inputs, output):
+    query, keys, scale, idx, mask, soft_query, alpha, eps, fuse_dq, impl = inputs
+    _, lse, lse_m, A = output
+    ctx.save_for_backward(query, keys, scale, idx, mask, soft_query, lse, lse_m, A)
+    ctx.meta = (alpha, eps, fuse_dq, impl)
+
+
+def _backward(ctx, grad_loss, grad_lse, grad_lse_m, grad_A):
+    query, keys, scale, idx, mask, soft_query, lse, lse_m, A = ctx.saved_tensors
+    alpha, eps, fuse_dq, impl = ctx.meta
+    need_q, need_k, need_s = (bool(ctx.needs_input_grad[i]) for i in range(3))
+    if grad_loss is None or not (need_q or need_k or need_s):
+        return (None,) * 10
+    acc = grad_loss.dtype
+    valid = mask.any(dim=1) if mask is not None else idx >= 0
+    g = torch.where(valid, grad_loss, torch.zeros((), dtype=acc, device=grad_loss.device))
+    if not fuse_dq or need_k:
+        A2, C = _info_nce_bwd(g, query, keys, scale, idx, mask, soft_query, lse, lse_m, alpha, eps,
+                              (need_q or need_s) and not fuse_dq, need_k, impl)
+        if not fuse_dq:
+            A = A2
+    else:
+        C = None
+    sc = scale.detach().to(acc)
+    dq = dk = ds = None
+    if need_q:
+        dq = (A * (g * sc).unsqueeze(1)).to(query.dtype)
+    if need_s:
+        ds = torch.linalg.vecdot(A, query.to(acc)).mul(g).sum().to(scale.dtype).reshape(scale.shape)
+    if need_k:
+        dk = (C * sc).to(keys.dtype)
+    return (dq, dk, ds) + (None,) * 7
+
+
+_info_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------ backends
+def _targets(query, positives):
+    """(idx (M,) int64 or (0,), mask (M, N) bool or None, valid (M,) bool)."""
+    M = query.shape[0]
+    if positives is None:
+        idx = torch.arange(M, device=query.device, dtype=torch.int64)
+        return idx, None, torch.ones(M, dtype=torch.bool, device=query.device)
+    if positives.dtype == torch.bool:
+        return torch.empty(0, dtype=torch.int64, device=query.device), positives, positives.any(dim=1)
+    idx = positives.to(torch.int64)
+    return idx, None, idx >= 0
+
+
+def _kernel_fn(impl: str):
+    def run(query, keys, scale, positives, soft_query, alpha, eps, reduction):
+        dt = query.dtype
+        acc = _acc_dtype(dt)
+        idx, mask, valid = _targets(query, positives)
+        if isinstance(scale, torch.Tensor):
+            scale_t = scale.reshape(())
+        else:
+            scale_t = torch.tensor(float(scale), dtype=acc, device=query.device)
+        sq = soft_query if alpha > 0.0 else None
+        grad_on = torch.is_grad_enabled()
+        # cpu: accumulate the query-gradient rows online in the forward when the keys need no gradient
+        fuse = (impl == "cpu" and grad_on and (query.requires_grad or scale_t.requires_grad)
+                and not keys.requires_grad)
+        loss, _, _, _ = _info_nce_fwd(query, keys, scale_t, idx, mask, sq, float(alpha), float(eps), fuse, impl)
+        if reduction == "none":
+            return loss.to(dt)
+        total = loss.sum()
+        if reduction == "sum":
+            return total.to(dt)
+        return (total / valid.sum().clamp(min=1).to(acc)).to(dt)
+
+    return run
+
+
+def _reference(query, keys, scale, positives, soft_query, alpha, eps, reduction):
+    return info_nce_reference(query, keys, scale=scale, positives=positives, soft_query=soft_query, alpha=alpha,
+                              label_smoothing=eps, reduction=reduction)
+
+
+def _has(name):
+    def check(inputs):
+        if hasattr(_ext.ext(), name):
+            return []
+        return ["gkcore._C was built without info_nce (rebuild: pip install --no-build-isolation -e .)"]
+
+    return check
+
+
+def _triton_check(inputs):
+    D = inputs["query"].shape[1]
+    if D > 1024:
+        return [f"D={D} > 1024 (the kernels hold a full feature row per tile)"]
+    try:
+        import gkcore.kernels.contrastive  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the install
+        return [f"gkcore.kernels.contrastive could not be imported: {e}"]
+    return []
+
+
+_tri_dev, _tri_explicit = _triton.triton_devices()
+OP.register(Backend("triton", _kernel_fn("triton"), devices=_tri_dev, explicit_only_devices=_tri_explicit,
+                    dtypes=(torch.float32, torch.float16, torch.bfloat16), dtype_args=("query",),
+                    availability=_triton.triton_unavailable, check=_triton_check))
+OP.register(Backend("cpu", _kernel_fn("cpu"), devices=("cpu",), dtypes=(torch.float32, torch.float64),
+                    dtype_args=("query",), availability=_ext.cpu_unavailable, check=_has("info_nce_forward_cpu")))
+OP.register(Backend("reference", _reference, devices=("cpu", "cuda"), dtype_args=("query",)))
+
+
+# ------------------------------------------------------------------------------------------ public
+def info_nce(query: torch.Tensor, keys: torch.Tensor, *, scale: Union[float, torch.Tensor],
+             positives: Optional[torch.Tensor] = None, soft_query: Optional[torch.Tensor] = None,
+             alpha: float = 0.0, label_smoothing: float = 0.0, reduction: str = "mean",
+             backend: Optional[str] = None) -> torch.Tensor:
+    """InfoNCE (contrastive cross-entropy) of ``query`` rows against ``keys`` without the (M, N) logits.
+
+    With ``s_ij = scale <q_i, k_j>``, hard targets ``y`` (from ``positives``), soft targets
+    ``p^m_ij = softmax_j(scale <soft_query_i, k_j>)`` (no gradient) and ``eps = label_smoothing``::
+
+        t_ij   = (1 - eps) ((1 - alpha) y_ij + alpha p^m_ij) + eps / N
+        loss_i = -sum_j t_ij log softmax_j(s_i)
+
+    The ``triton`` and ``cpu`` backends keep an online log-sum-exp per row over key tiles and recompute
+    tiles in the backward: extra memory O((M + N) D), never O(M N).
+
+    Args:
+        query: (M, D) floating (e.g. L2-normalised image features); gets a gradient.
+        keys: (N, D), same dtype and device; may hold a feature queue after the in-batch keys. Gets a
+            gradient only when it requires grad (a queue tensor without grad gets none).
+        scale: Python float or 0-d tensor multiplying the dot products (``logit_scale.exp()`` or
+            ``1 / temperature``); a tensor that requires grad gets a gradient.
+        positives: ``None``: key i is the positive of query i (needs N >= M); (M,) integer: the index of
+            each row's positive, a negative value meaning "no positive"; (M, N) bool: several positives
+            per row, ``y_ij = mask_ij / sum_j mask_ij``.
+        soft_query: (M, D) momentum queries for the soft targets (used only when ``alpha > 0``).
+        alpha: weight of the soft targets, in [0, 1].
+        label_smoothing: eps in [0, 1] with ``F.cross_entropy``'s meaning, applied to the mixed target.
+        reduction: ``'mean'``, ``'sum'`` or ``'none'``.
+        backend: ``None`` (automatic), ``'triton'``, ``'cpu'`` or ``'reference'``.
+
+    **Rows with no positive** (negative index, all-False mask row) get loss 0 and no gradient, and are
+    left out of the mean: ``'mean'`` divides by the number of rows that have a positive (at least 1, so a
+    batch without any positive gives 0).
+
+    Returns:
+        0-d loss (``'mean'``, ``'sum'``) or (M,) per-row losses (``'none'``), in ``query``'s dtype
+        (accumulated in float32, float64 for float64 inputs).
+    """
+    validate(query, keys, scale, positives, soft_query, alpha, label_smoothing, reduction)
+    if alpha == 0.0:
+        soft_query = None
+    inputs = {"query": query, "keys": keys, "soft_query": soft_query, "positives": positives,
+              "scale": scale if isinstance(scale, torch.Tensor) else None}
+    be = OP.select(inputs, backend)
+    return be.fn(query, keys, scale, positives, soft_query, float(alpha), float(label_smoothing), reduction)
