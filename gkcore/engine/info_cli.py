@@ -36,6 +36,7 @@ def collect() -> dict:
             why = b.unavailable_reason()
             devs = list(b.devices) + [f"{d} (explicit)" for d in b.explicit_only_devices]
             row[name] = {"status": "unavailable" if why else "available", "reason": why or "",
+                         "note": getattr(b, "note", "") or "",
                          "devices": devs, "dtypes": [str(d).replace("torch.", "") for d in b.dtypes]}
         info["ops"][op.name] = row
     return info
@@ -66,10 +67,12 @@ def format_info(info: dict) -> str:
             cells.append({"available": "yes", "unavailable": "no", "none": "-"}[st])
             if st == "unavailable":
                 notes.append(f"  {op}/{n}: {row[n]['reason']}")
+            elif st == "available" and row[n].get("note"):
+                notes.append(f"  {op}/{n}: {row[n]['note']}")
         lines.append(f"{op:{w}s}  " + "  ".join(f"{c:11s}" for c in cells))
     lines.append("(yes: can run here; no: implemented but cannot run here; -: no such backend)")
     if notes:
-        lines.append("why not:")
+        lines.append("notes (why not, and what an available backend really runs):")
         lines.extend(notes)
     return "\n".join(lines)
 
@@ -79,10 +82,9 @@ def run(args) -> int:
 
     info = collect()
     if getattr(args, "model", None):
-        from gkcore.models import create_model, parameter_table
+        from gkcore.models import parameter_table
 
-        model = create_model(args.model)
-        rows = parameter_table(model)
+        rows = parameter_table(args.model)  # built on the meta device: no memory, no weights read
         info["model"] = {"name": args.model, "parameters": {k: int(v) for k, v in rows}}
     if args.json:
         print(json.dumps(info, indent=1))

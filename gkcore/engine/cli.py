@@ -1,0 +1,245 @@
+"""``gkcore pretrain``, ``gkcore demo`` and ``gkcore eval``."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Dict
+
+__all__ = ["register", "cmd_pretrain", "cmd_demo", "cmd_eval"]
+
+
+def _parse_set(items) -> Dict[str, Any]:
+    """``["embed_dim=64", "vision.depth=2"]`` -> overrides (values parsed as JSON when they parse)."""
+    out: Dict[str, Any] = {}
+    for it in items or []:
+        if "=" not in it:
+            raise SystemExit(f"--set expects KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def register(subparsers) -> None:
+    # ------------------------------------------------------------------ pretrain
+    p = subparsers.add_parser(
+        "pretrain", help="pre-train GK-MVLP (single process or under torchrun)",
+        description="Pre-train GK-MVLP with ITC + ITM + LM + LECLS. Run under `torchrun --nproc_per_node N` "
+                    "for DDP (NCCL on GPUs, gloo on CPUs); only rank 0 writes. Ctrl-C / SIGTERM writes a "
+                    "checkpoint and exits; --resume continues exactly.")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--preset", help="model preset (gk_mvlp_tiny, gk_mvlp_base)")
+    g.add_argument("--config", help="JSON file: {\"preset\": ..., \"overrides\": {...}, \"train\": {...}, "
+                                    "\"batch_size\": ...}; command-line flags win")
+    p.add_argument("--data", required=True, help="ADAPTER:PATH, e.g. synth:./synthcxr or mimic:/data/mimic-cxr-jpg")
+    p.add_argument("--split", default=None, help="dataset split to use where the adapter has splits (mimic: train)")
+    p.add_argument("--out", required=True, help="output folder (checkpoint.pt, train_log.jsonl, model.safetensors)")
+    p.add_argument("--steps", type=int, help="optimiser steps (default 1000)")
+    p.add_argument("--batch-size", type=int, help="batch size per process (default 32)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup", type=int, help="warm-up steps")
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--clip", type=float, help="gradient norm clip (<= 0: off)")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"))
+    p.add_argument("--alpha", type=float, help="ITC soft-target weight (default: the model's own ramp)")
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="checkpoint to continue from (no value: OUT/checkpoint.pt)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override (repeatable)")
+    p.add_argument("--backend", default=None, help="op backend for the model (auto, reference, cpu, cuda, triton)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-threads", type=int, default=2, help="data loading threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_pretrain)
+
+    # ------------------------------------------------------------------ demo
+    from .demo import DEFAULTS
+
+    d = subparsers.add_parser(
+        "demo", help="the main job: synthetic data, evaluate, pre-train gk_mvlp_tiny, evaluate again (CPU, ~10 min)",
+        description="Generate a small SynthCXR set, evaluate gk_mvlp_tiny zero-shot (AUROC, pointing game), "
+                    "pre-train it, evaluate again, print a table and save plots.")
+    d.add_argument("--out", default="gkcore-demo", help="output folder (default ./gkcore-demo)")
+    d.add_argument("--n", type=int, default=DEFAULTS["n"], help="number of synthetic images")
+    d.add_argument("--size", type=int, default=DEFAULTS["size"], help="synthetic image size (px)")
+    d.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    d.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    d.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    d.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
+    d.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--backend", default=None)
+    d.add_argument("--num-threads", type=int, default=2)
+    d.add_argument("--regenerate", action="store_true", help="regenerate the data even if present")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="gk_mvlp_tiny config override (repeatable; replaces the demo's own overrides)")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    # ------------------------------------------------------------------ eval
+    from .evaluate import TASKS
+
+    e = subparsers.add_parser("eval", help="downstream evaluation of a checkpoint",
+                              description="Evaluate a checkpoint on a downstream task with its standard metric.")
+    e.add_argument("--task", required=True, choices=TASKS)
+    e.add_argument("--checkpoint", required=True, help="model.safetensors or a pretrain checkpoint.pt")
+    e.add_argument("--data", required=True, help="ADAPTER:PATH")
+    e.add_argument("--split", default=None, help="dataset split where the adapter has splits (mimic: test)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--fractions", default="0.01,0.1,1", help="label fractions for linear-probe / fine-tune")
+    e.add_argument("--epochs", type=int, default=3, help="fine-tune epochs")
+    e.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--backend", default=None)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--num-threads", type=int, default=2)
+    e.add_argument("--json", dest="json_out", default=None, help="also write the metrics to this JSON file")
+    e.set_defaults(func=cmd_eval)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_pretrain(args) -> int:
+    import torch
+
+    from gkcore import create_model
+    from gkcore.data import build_loader, open_dataset
+    from gkcore.models.config import config_to_dict
+
+    from . import distributed as D
+    from .trainer import NonFiniteLossError, TrainConfig, Trainer, seed_everything
+
+    file_cfg: Dict[str, Any] = {}
+    if args.config:
+        with open(args.config) as f:
+            file_cfg = json.load(f)
+        if "preset" not in file_cfg:
+            print(f"error: {args.config} has no 'preset' entry", file=sys.stderr)
+            return 2
+    preset = args.preset or file_cfg["preset"]
+    overrides = dict(file_cfg.get("overrides", {}))
+    overrides.update(_parse_set(args.set))
+    tcfg = dict(file_cfg.get("train", {}))
+    for flag, key in (("steps", "steps"), ("lr", "lr"), ("weight_decay", "weight_decay"), ("warmup", "warmup_steps"),
+                      ("grad_accum", "grad_accum"), ("clip", "clip_grad"), ("amp", "amp"), ("alpha", "alpha"),
+                      ("log_every", "log_every"), ("ckpt_every", "ckpt_every"), ("seed", "seed")):
+        v = getattr(args, flag)
+        if v is not None:
+            tcfg[key] = v
+    tcfg["progress"] = not args.no_progress
+    config = TrainConfig(**tcfg).validate()
+    batch_size = args.batch_size or int(file_cfg.get("batch_size", 32))
+
+    info = D.init_from_env(args.device)
+    try:
+        seed_everything(config.seed)
+        try:
+            model = create_model(preset, backend=args.backend, **overrides)
+            dataset = open_dataset(args.data, **({"split": args.split} if args.split else {}))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        loader = build_loader(dataset, batch_size, model.config.image_size, tokenizer=getattr(model, "tokenizer", None),
+                              max_length=model.config.max_length, channels=model.config.channels, train=True,
+                              device=str(info.device), rank=info.rank, world_size=info.world_size,
+                              num_threads=args.num_threads, seed=config.seed)
+        if info.is_main:
+            print(f"pretrain {preset}: {len(dataset)} samples, {len(loader)} batches/epoch per process, "
+                  f"{info.world_size} process(es) on {info.device}", file=sys.stderr)
+        tr = Trainer(model, loader, config, args.out, dist_info=info,
+                     model_meta={"preset": preset, "overrides": overrides, "config": config_to_dict(model.config)})
+        resume = args.resume
+        if resume == "auto":
+            resume = tr.checkpoint_path
+            if not os.path.isfile(resume):
+                print(f"error: --resume given but {resume} does not exist", file=sys.stderr)
+                return 2
+        try:
+            res = tr.fit(resume=resume)
+        except NonFiniteLossError as e:
+            if info.is_main:
+                print(f"error: {e}", file=sys.stderr)
+            return 3
+        if info.is_main:
+            if res.status == "completed":
+                path = os.path.join(args.out, "model.safetensors")
+                model.save(path)
+                print(f"done: {res.step} steps; final loss {res.history[-1]['loss']:.4f}; weights in {path}"
+                      if res.history else f"done: {res.step} steps; weights in {path}")
+            else:
+                print(f"interrupted at step {res.step}; resume with --resume {res.checkpoint}")
+        if res.status == "completed":
+            return 0
+        return 128 + (tr.stop_signal or 2)  # 130 after SIGINT, 143 after SIGTERM (the shell convention)
+    finally:
+        D.cleanup()
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from .demo import run_demo
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
+    res = run_demo(args.out, n=args.n, size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                   warmup=args.warmup, seed=args.seed, device=args.device, num_threads=args.num_threads,
+                   progress=not args.no_progress, backend=args.backend, reuse_data=not args.regenerate,
+                   overrides=_parse_set(args.set) if args.set else None)
+    if res["train"]["status"] != "completed":
+        return 130
+    if not res["above_chance_after_pretraining"]:
+        print("note: the pre-trained model did not beat chance on both metrics in this run", file=sys.stderr)
+    return 0
+
+
+def _print_metrics(d, indent=0):
+    pad = " " * indent
+    for k, v in d.items():
+        if isinstance(v, dict):
+            print(f"{pad}{k}:")
+            _print_metrics(v, indent + 2)
+        elif isinstance(v, float):
+            print(f"{pad}{k}: {'nan' if math.isnan(v) else f'{v:.4f}'}")
+        elif isinstance(v, list):
+            print(f"{pad}{k}: [{len(v)} items]")
+        else:
+            print(f"{pad}{k}: {v}")
+
+
+def cmd_eval(args) -> int:
+    from gkcore.data import open_dataset
+
+    from .distributed import resolve_device
+    from .evaluate import load_model, run_task
+
+    device = str(resolve_device(args.device))
+    try:
+        fractions = tuple(float(x) for x in args.fractions.split(","))
+    except ValueError:
+        print(f"error: --fractions must be comma-separated numbers, got {args.fractions!r}", file=sys.stderr)
+        return 2
+    try:
+        model = load_model(args.checkpoint, device=device, backend=args.backend)
+        dataset = open_dataset(args.data, **({"split": args.split} if args.split else {}))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res = run_task(args.task, model, dataset, batch_size=args.batch_size, device=device, fractions=fractions,
+                   epochs=args.epochs, seed=args.seed, max_batches=args.max_batches, num_threads=args.num_threads)
+    print(f"task {args.task} on {args.data} ({len(dataset)} samples)")
+    if args.task in ("linear-probe", "fine-tune"):
+        short = {f: {"macro_auroc": r["macro"], "n_classes": r["n_classes"]} for f, r in res.items()}
+        _print_metrics(short)
+    else:
+        _print_metrics({k: v for k, v in res.items() if k != "per_class"})
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(res, f, indent=1, default=float)
+    return 0

@@ -1,0 +1,424 @@
+"""Downstream evaluation of a GK-MVLP model (``gkcore eval``): classification (zero-shot, linear probe,
+fine-tuning with a label fraction), localization, report generation, retrieval and VQA.
+
+Every task takes a model following the model contract (``encode_image``, ``encode_text``,
+``zero_shot_classify``, ``ground``, ``generate_report``) and batches from ``gkcore.data.build_loader``
+(keys ``image``, ``input_ids``, ``attention_mask``, ``entity_labels``, ``region_boxes``, ``region_mask``,
+``study_id``, ``report``, ``finding_boxes``). Splits for the supervised tasks are deterministic by
+sample index: :func:`split_indices` (70 % train / 30 % test by default; the label fraction is taken
+from the train part).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import metrics as M
+
+__all__ = ["load_model", "make_loader", "Subset", "split_indices", "zero_shot_classification", "grounding",
+           "extract_features", "linear_probe", "fine_tune", "report_generation", "retrieval", "vqa",
+           "TASKS", "run_task"]
+
+TASKS = ("zero-shot", "linear-probe", "fine-tune", "localization", "report-generation", "retrieval", "vqa")
+
+
+# ------------------------------------------------------------------------------------------ plumbing
+def load_model(path: str, device: str = "cpu", backend: Optional[str] = None):
+    """Load a model from a ``.safetensors`` file written by ``model.save`` or from a trainer checkpoint
+    (``checkpoint.pt``, whose ``model_meta["config"]`` holds the model config)."""
+    from gkcore.models import GKMVLP
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        return GKMVLP.load(path, backend=backend, device=device)
+    from gkcore.models.config import config_from_dict
+
+    from .trainer import load_checkpoint
+
+    ck = load_checkpoint(path)
+    cfg = (ck.get("model_meta") or {}).get("config")
+    if cfg is None:
+        raise ValueError(f"{path} holds no model config (model_meta['config']); pass the model.safetensors file")
+    cfg = config_from_dict(cfg)
+    cfg.vision.checkpoint = None
+    cfg.text.pretrained = None
+    model = GKMVLP(cfg, backend=backend, init_pretrained=False)
+    model.load_state_dict(ck["model"])
+    return model.to(device)
+
+
+class Subset:
+    """A view of ``dataset`` restricted to ``indices`` (other attributes forwarded)."""
+
+    def __init__(self, dataset, indices: Sequence[int]):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+    def __getattr__(self, name):
+        if name in ("dataset", "indices"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def split_indices(n: int, test_fraction: float = 0.3, seed: int = 0) -> Tuple[List[int], List[int]]:
+    """Deterministic shuffled split of ``range(n)`` into (train, test)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    k = max(1, int(round(n * test_fraction)))
+    return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
+
+
+def label_fraction_indices(indices: Sequence[int], fraction: float, seed: int = 0, minimum: int = 4) -> List[int]:
+    """The first ``max(minimum, round(fraction * n))`` of a seeded shuffle of ``indices``."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    perm = np.random.default_rng(seed + 17).permutation(len(indices))
+    k = min(len(indices), max(minimum, int(round(fraction * len(indices)))))
+    return sorted(int(indices[i]) for i in perm[:k])
+
+
+def make_loader(model, dataset, batch_size: int = 16, device: str = "cpu", train: bool = False,
+                num_threads: int = 2, seed: int = 0, **kw):
+    """``gkcore.data.build_loader`` with the model's image size, channels, tokenizer and max length."""
+    from gkcore.data import build_loader
+
+    cfg = model.config
+    return build_loader(dataset, batch_size, cfg.image_size, tokenizer=getattr(model, "tokenizer", None),
+                        max_length=cfg.max_length, channels=cfg.channels, train=train, device=device,
+                        num_threads=num_threads, seed=seed, drop_last=False if not train else None, **kw)
+
+
+def _knowledge():
+    from gkcore.data import knowledge
+
+    return knowledge
+
+
+def _limited(loader, max_batches: Optional[int]):
+    for i, b in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield b
+
+
+def _dev(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ------------------------------------------------------------------------------------------ classification
+@torch.no_grad()
+def zero_shot_classification(model, loader, entity_names: Optional[Sequence[str]] = None,
+                             max_batches: Optional[int] = None) -> Dict[str, Any]:
+    """Zero-shot AUROC through entity queries: ``model.zero_shot_classify`` gives P(entity) (B, E) for
+    every knowledge-base entity; AUROC per entity on the 1 / 0 labels (-1 ignored), macro over entities
+    with both classes present, and macro over the CheXpert observations among them."""
+    model.eval()
+    K = _knowledge()
+    names = list(entity_names or K.ENTITY_NAMES)
+    scores, labels = [], []
+    for b in _limited(loader, max_batches):
+        p = model.zero_shot_classify(b["image"], None, region_boxes=b.get("region_boxes"),
+                                     region_mask=b.get("region_mask"))
+        scores.append(p.float().cpu())
+        labels.append(b["entity_labels"].cpu())
+    if not scores:
+        raise ValueError("the loader yielded no batch")
+    s, y = torch.cat(scores).numpy(), torch.cat(labels).numpy()
+    res = M.auroc_per_class(s, y, names=list(K.ENTITY_NAMES))
+    chex = [e.name for e in K.ENTITIES if getattr(e, "chexpert", False)]
+    cv = [res["per_class"][n] for n in chex if not math.isnan(res["per_class"][n])]
+    res["macro_chexpert"] = float(np.mean(cv)) if cv else float("nan")
+    if entity_names is not None:
+        sel = [res["per_class"][n] for n in names if not math.isnan(res["per_class"][n])]
+        res["macro_selected"] = float(np.mean(sel)) if sel else float("nan")
+    res["n_samples"] = int(s.shape[0])
+    return res
+
+
+@torch.no_grad()
+def extract_features(model, loader, text: bool = False, max_batches: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """Image embeddings (N, D) (and report embeddings when ``text``), entity labels (N, E), study ids."""
+    model.eval()
+    out: Dict[str, List] = {"image": [], "labels": [], "study_id": [], "text": [], "report": []}
+    for b in _limited(loader, max_batches):
+        out["image"].append(model.encode_image(b["image"]).float().cpu())
+        out["labels"].append(b["entity_labels"].cpu())
+        out["study_id"].append(b["study_id"].cpu())
+        out["report"].extend(b["report"])
+        if text:
+            out["text"].append(model.encode_text(b["input_ids"], b["attention_mask"]).float().cpu())
+    res = {k: torch.cat(v).numpy() for k, v in out.items() if v and k != "report"}
+    res["report"] = out["report"]
+    return res
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, c: float = 1.0):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=c, max_iter=1000).fit(x, y)
+
+
+def linear_probe(train: Dict[str, np.ndarray], test: Dict[str, np.ndarray], fraction: float = 1.0,
+                 seed: int = 0) -> Dict[str, Any]:
+    """Per-entity logistic regression on frozen image embeddings from a ``fraction`` of the training
+    rows (labels -1 dropped per entity); AUROC on the test rows. Entities whose training labels hold a
+    single class are skipped."""
+    K = _knowledge()
+    rows = label_fraction_indices(list(range(len(train["image"]))), fraction, seed)
+    xtr, ytr = train["image"][rows], train["labels"][rows]
+    scores = np.zeros(test["labels"].shape, np.float64)
+    valid = np.zeros(test["labels"].shape[1], bool)
+    for e in range(ytr.shape[1]):
+        keep = ytr[:, e] >= 0
+        if len(np.unique(ytr[keep, e])) < 2:
+            continue
+        clf = _fit_logistic(xtr[keep], ytr[keep, e])
+        scores[:, e] = clf.predict_proba(test["image"])[:, 1]
+        valid[e] = True
+    labels = np.where(valid[None, :], test["labels"], -1)
+    res = M.auroc_per_class(scores, labels, names=list(K.ENTITY_NAMES))
+    res.update(fraction=fraction, n_train=len(rows), n_test=int(len(test["labels"])))
+    return res
+
+
+def fine_tune(model, train_loader, test_loader, fraction: float = 1.0, epochs: int = 3, lr: float = 1e-4,
+              max_batches: Optional[int] = None) -> Dict[str, Any]:
+    """Fine-tune the image encoder with a linear multi-label head (BCE on labels 1/0, -1 masked) on the
+    training loader (already restricted to the label fraction), then AUROC on the test loader. The model
+    passed in is not modified (a deep copy is trained)."""
+    K = _knowledge()
+    m = copy.deepcopy(model).train()
+    dev = _dev(m)
+    E = len(K.ENTITY_NAMES)
+    head = torch.nn.Linear(m.config.embed_dim, E).to(dev)
+    params = [p for n, p in m.named_parameters() if n.startswith(("visual.", "vision_proj."))] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+    def logits(images):
+        img = m._images(images)
+        _, emb = m._image(img)[:2]
+        return head(emb.float())
+
+    for ep in range(epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(ep)
+        for b in _limited(train_loader, max_batches):
+            y = b["entity_labels"].to(dev)
+            mask = (y >= 0).float()
+            lo = logits(b["image"])
+            loss = (F.binary_cross_entropy_with_logits(lo, y.clamp(min=0).float(), reduction="none") * mask).sum() \
+                / mask.sum().clamp(min=1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    m.eval()
+    s, yl = [], []
+    with torch.no_grad():
+        for b in _limited(test_loader, max_batches):
+            s.append(torch.sigmoid(logits(b["image"])).cpu())
+            yl.append(b["entity_labels"].cpu())
+    res = M.auroc_per_class(torch.cat(s).numpy(), torch.cat(yl).numpy(), names=list(K.ENTITY_NAMES))
+    res.update(fraction=fraction, epochs=epochs)
+    return res
+
+
+# ------------------------------------------------------------------------------------------ localization
+@torch.no_grad()
+def grounding(model, loader, max_batches: Optional[int] = None, keep_examples: int = 0,
+              iou_thresholds: Sequence[float] = (0.1, 0.25, 0.5)) -> Dict[str, Any]:
+    """Localization of the true finding boxes.
+
+    For every (image, finding) pair of the batch's ``finding_boxes`` the model grounds the finding's
+    entity: the pointing game uses the arg-max of ``patch_map`` (B, gh, gw); detection mAP uses the
+    box of the top-scoring region of ``region_scores`` (B, 29) as the predicted box with that score,
+    matched per entity against the true boxes at the IoU thresholds. A random-point baseline is the
+    fraction of image area covered by the true boxes (reported as ``pointing_chance``).
+    """
+    model.eval()
+    K = _knowledge()
+    names = list(K.ENTITY_NAMES)
+    heat, boxes, chance = [], [], []
+    preds: Dict[int, list] = {}
+    gts: Dict[int, list] = {}
+    examples = []
+    uid = 0
+    for b in _limited(loader, max_batches):
+        fbs = b["finding_boxes"]
+        by_entity: Dict[int, List[Tuple[int, List]]] = {}
+        for i, fl in enumerate(fbs):
+            per: Dict[int, List] = {}
+            for f in fl:
+                per.setdefault(int(f[0]), []).append([float(v) for v in f[1:5]])
+            for e, bx in per.items():
+                by_entity.setdefault(e, []).append((i, bx))
+        for e, items in by_entity.items():
+            idx = torch.tensor([i for i, _ in items], device=b["image"].device)
+            rb = b.get("region_boxes")
+            rm = b.get("region_mask")
+            g = model.ground(b["image"][idx], names[e], region_boxes=None if rb is None else rb[idx.to(rb.device)],
+                             region_mask=None if rm is None else rm[idx.to(rm.device)])
+            pm = g["patch_map"].float().cpu().numpy()
+            rs = g["region_scores"].float().cpu().numpy()
+            rbx = (rb[idx.to(rb.device)].float().cpu().numpy() if rb is not None else None)
+            for j, (i, bx) in enumerate(items):
+                heat.append(pm[j])
+                boxes.append(bx)
+                area = np.zeros((64, 64), bool)
+                for x0, y0, x1, y1 in bx:
+                    area[int(y0 * 64):int(math.ceil(y1 * 64)), int(x0 * 64):int(math.ceil(x1 * 64))] = True
+                chance.append(area.mean())
+                for bb in bx:
+                    gts.setdefault(e, []).append((uid, bb))
+                if rbx is not None:
+                    r = int(np.argmax(rs[j]))
+                    preds.setdefault(e, []).append((uid, float(rs[j, r]), rbx[j, r].tolist()))
+                if len(examples) < keep_examples:
+                    examples.append({"image": b["image"][i].float().cpu().numpy(), "heatmap": pm[j],
+                                     "boxes": bx, "entity": names[e],
+                                     "region_box": None if rbx is None else rbx[j, int(np.argmax(rs[j]))].tolist()})
+                uid += 1
+    if not heat:
+        raise ValueError("no finding boxes in the evaluated data: localization needs finding_boxes")
+    shapes = {h.shape for h in heat}
+    pg = M.pointing_game(np.stack(heat), boxes) if len(shapes) == 1 else None
+    res: Dict[str, Any] = {"pointing_game": pg["accuracy"], "pointing_chance": float(np.mean(chance)),
+                           "n_findings": len(heat)}
+    if preds:
+        per_t: Dict[str, List[float]] = {}
+        for e in gts:
+            d = M.detection_map(preds.get(e, []), gts[e], iou_thresholds)
+            for k, v in d.items():
+                if k != "mAP" and not math.isnan(v):
+                    per_t.setdefault(k, []).append(v)
+        for k, v in per_t.items():
+            res[f"m{k}"] = float(np.mean(v))
+        res["mAP"] = float(np.mean([res[f"m{k}"] for k in per_t])) if per_t else float("nan")
+    res["examples"] = examples
+    return res
+
+
+# ------------------------------------------------------------------------------------------ generation / retrieval
+@torch.no_grad()
+def report_generation(model, loader, max_length: Optional[int] = None, num_beams: int = 1,
+                      max_batches: Optional[int] = None) -> Dict[str, Any]:
+    """Generate a report per image; BLEU-1..4, ROUGE-L and CIDEr-D against the reference reports
+    (METEOR is not computed: its usual implementations need WordNet data from the network)."""
+    model.eval()
+    hyp, ref = [], []
+    for b in _limited(loader, max_batches):
+        hyp.extend(model.generate_report(b["image"], max_length=max_length, num_beams=num_beams))
+        ref.extend(b["report"])
+    res: Dict[str, Any] = dict(M.bleu(hyp, ref))
+    res["ROUGE-L"] = M.rouge_l(hyp, ref)
+    res["CIDEr-D"] = M.cider_d(hyp, ref)
+    res["n_samples"] = len(hyp)
+    res["examples"] = [{"generated": h, "reference": r} for h, r in list(zip(hyp, ref))[:3]]
+    return res
+
+
+def retrieval(model, loader, max_batches: Optional[int] = None, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, Any]:
+    """Image-to-report and report-to-image R@K with cosine similarity of the embeddings; reports of the
+    same study count as correct."""
+    f = extract_features(model, loader, text=True, max_batches=max_batches)
+    sim = f["image"] @ f["text"].T
+    sid = f["study_id"]
+    i2t = M.retrieval_recall(sim, sid, sid, ks)
+    t2i = M.retrieval_recall(sim.T, sid, sid, ks)
+    res = {f"i2t_{k}": v for k, v in i2t.items()}
+    res.update({f"t2i_{k}": v for k, v in t2i.items()})
+    res["n_samples"] = int(sim.shape[0])
+    return res
+
+
+# ------------------------------------------------------------------------------------------ VQA
+def vqa(model, dataset, train_idx: Sequence[int], test_idx: Sequence[int], batch_size: int = 16,
+        device: str = "cpu", seed: int = 0, max_batches: Optional[int] = None) -> Dict[str, Any]:
+    """VQA as answer classification on the generated question set (:mod:`gkcore.engine.vqa`).
+
+    Features: the concatenation of the image embedding and the question embedding (report encoder)
+    (2 De); a multinomial logistic regression over the answers seen in training; exact-match accuracy
+    on the test questions, closed (yes/no) and open separately. Test answers never seen in training
+    count as wrong."""
+    from .vqa import build_questions
+
+    K = _knowledge()
+    names, regions = list(K.ENTITY_NAMES), list(K.REGIONS)
+    q_tr = build_questions(dataset, names, regions, seed=seed, indices=train_idx)
+    q_te = build_questions(dataset, names, regions, seed=seed + 1, indices=test_idx)
+    if not q_tr or not q_te:
+        raise ValueError("no VQA questions could be generated (needs entity labels / finding boxes)")
+    need = sorted({q.index for q in q_tr + q_te})
+    loader = make_loader(model, Subset(dataset, need), batch_size=batch_size, device=device)
+    feats = extract_features(model, loader, max_batches=max_batches)["image"]
+    row = {ix: r for r, ix in enumerate(need[:len(feats)])}
+    q_tr = [q for q in q_tr if q.index in row]
+    q_te = [q for q in q_te if q.index in row]
+
+    def qemb(qs):
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(qs), 64):
+                out.append(model.encode_text([q.question for q in qs[i:i + 64]]).float().cpu().numpy())
+        return np.concatenate(out)
+
+    xtr = np.concatenate([feats[[row[q.index] for q in q_tr]], qemb(q_tr)], 1)
+    xte = np.concatenate([feats[[row[q.index] for q in q_te]], qemb(q_te)], 1)
+    ytr = [q.answer for q in q_tr]
+    if len(set(ytr)) < 2:
+        pred = [ytr[0]] * len(q_te)
+    else:
+        clf = _fit_logistic(xtr, np.array(ytr), c=10.0)
+        pred = list(clf.predict(xte))
+    res = M.vqa_accuracy(pred, [q.answer for q in q_te], [q.closed for q in q_te])
+    res["n_train_questions"] = len(q_tr)
+    return res
+
+
+# ------------------------------------------------------------------------------------------ dispatcher
+def run_task(task: str, model, dataset, *, batch_size: int = 16, device: str = "cpu", fractions=(0.01, 0.1, 1.0),
+             epochs: int = 3, seed: int = 0, max_batches: Optional[int] = None, num_threads: int = 2) -> Dict[str, Any]:
+    """Run one of :data:`TASKS` on ``dataset`` and return its metrics."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+    def loader(idx=None, train=False):
+        ds = dataset if idx is None else Subset(dataset, idx)
+        return make_loader(model, ds, batch_size=batch_size, device=device, train=train,
+                           num_threads=num_threads, seed=seed)
+
+    if task == "zero-shot":
+        return zero_shot_classification(model, loader(), max_batches=max_batches)
+    if task == "localization":
+        r = grounding(model, loader(), max_batches=max_batches)
+        r.pop("examples", None)
+        return r
+    if task == "report-generation":
+        return report_generation(model, loader(), max_batches=max_batches)
+    if task == "retrieval":
+        return retrieval(model, loader(), max_batches=max_batches)
+    tr, te = split_indices(len(dataset), seed=seed)
+    if task == "vqa":
+        return vqa(model, dataset, tr, te, batch_size=batch_size, device=device, seed=seed, max_batches=max_batches)
+    if task == "linear-probe":
+        ftr = extract_features(model, loader(tr), max_batches=max_batches)
+        fte = extract_features(model, loader(te), max_batches=max_batches)
+        return {f"{f:g}": linear_probe(ftr, fte, f, seed) for f in fractions}
+    out = {}
+    for f in fractions:  # fine-tune
+        sub = label_fraction_indices(tr, f, seed)
+        out[f"{f:g}"] = fine_tune(model, loader(sub, train=True), loader(te), fraction=f, epochs=epochs,
+                                  max_batches=max_batches)
+    return out

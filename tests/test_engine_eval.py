@@ -1,0 +1,196 @@
+"""End to end on a tiny SynthCXR set with a shrunken gk_mvlp_tiny: every ``gkcore eval`` task, the
+``gkcore pretrain`` / ``gkcore eval`` commands, an exact resume of the real model, plots and the VQA
+question set."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gkcore.data.synth")
+
+from gkcore.engine import evaluate as EV  # noqa: E402
+from gkcore.engine import trainer as T  # noqa: E402
+
+N_IMAGES = 24
+BATCH = 8
+# small enough for 2 CPU cores: 64 px images (4x4 patches), a 2-layer ViT, short reports
+# and a small random text tower instead of MiniLM (the tokenizer stays MiniLM's)
+OVERRIDES = {"image_size": 64, "vision.depth": 2, "max_length": 40, "loss.queue_size": 32,
+             "text.pretrained": None, "text.hidden_size": 64, "text.num_layers": 2, "text.num_heads": 2,
+             "text.intermediate_size": 128, "text.fusion_start": 1, "text.decoder_layers": 1}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from gkcore.data.synth import SynthCXR, generate
+
+    root = str(tmp_path_factory.mktemp("synthcxr"))
+    generate(root, N_IMAGES, 96, 0)
+    return root, SynthCXR(root)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from gkcore import create_model
+
+    torch.manual_seed(0)
+    return create_model("gk_mvlp_tiny", **OVERRIDES).eval()
+
+
+def _in01(x):
+    return isinstance(x, float) and (math.isnan(x) or 0.0 <= x <= 1.0)
+
+
+def test_zero_shot_and_localization(model, synth):
+    _, ds = synth
+    r = EV.run_task("zero-shot", model, ds, batch_size=BATCH)
+    assert r["n_samples"] == N_IMAGES and r["n_classes"] >= 1 and 0.0 <= r["macro"] <= 1.0
+    assert all(_in01(v) for v in r["per_class"].values())
+    g = EV.grounding(model, EV.make_loader(model, ds, batch_size=BATCH), keep_examples=1)
+    assert g["n_findings"] > 0 and 0.0 <= g["pointing_game"] <= 1.0 and 0.0 < g["pointing_chance"] < 1.0
+    assert _in01(g["mAP"])
+    ex = g["examples"][0]
+    assert ex["heatmap"].ndim == 2 and ex["image"].shape[-2:] == (64, 64)
+
+
+def test_generation_retrieval_vqa(model, synth):
+    _, ds = synth
+    r = EV.run_task("report-generation", model, ds, batch_size=BATCH, max_batches=1)
+    assert r["n_samples"] == BATCH
+    assert all(_in01(r[k]) for k in ("BLEU-1", "BLEU-4", "ROUGE-L")) and r["CIDEr-D"] >= 0.0
+    r = EV.run_task("retrieval", model, ds, batch_size=BATCH)
+    assert r["n_samples"] == N_IMAGES
+    assert r["i2t_R@1"] <= r["i2t_R@5"] <= r["i2t_R@10"] <= 1.0 and r["t2i_R@10"] >= r["t2i_R@1"]
+    r = EV.run_task("vqa", model, ds, batch_size=BATCH)
+    assert r["n_closed"] > 0 and r["n_open"] > 0 and 0.0 <= r["overall"] <= 1.0
+
+
+def test_linear_probe_and_fine_tune(model, synth):
+    _, ds = synth
+    r = EV.run_task("linear-probe", model, ds, batch_size=BATCH, fractions=(0.1, 1.0))
+    assert set(r) == {"0.1", "1"} and r["1"]["n_train"] > r["0.1"]["n_train"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = EV.run_task("fine-tune", model, ds, batch_size=BATCH, fractions=(1.0,), epochs=1)
+    assert _in01(r["1"]["macro"])
+    for k, v in model.state_dict().items():  # fine-tuning works on a copy
+        assert torch.equal(v, before[k]), k
+
+
+def test_vqa_questions_follow_ground_truth(synth):
+    from gkcore.data import knowledge as K
+    from gkcore.engine.vqa import build_questions
+
+    _, ds = synth
+    qs = build_questions(ds, K.ENTITY_NAMES, K.REGIONS, seed=0)
+    assert qs == build_questions(ds, K.ENTITY_NAMES, K.REGIONS, seed=0)  # deterministic
+    for q in qs:
+        s = ds[q.index]
+        if q.kind == "presence":
+            name = q.question[len("Is there "):-1]
+            assert s.entity_labels[K.ENTITY_NAMES.index(name)] == (1 if q.answer == "yes" else 0)
+        elif q.kind == "where":
+            assert q.answer in K.REGIONS and not q.closed
+        else:
+            assert q.answer in K.ENTITY_NAMES
+    assert {q.kind for q in qs} >= {"presence", "where"}
+
+
+def test_real_model_resume_is_exact(model, synth, tmp_path):
+    """gk_mvlp_tiny (queues, momentum encoders, alpha ramp, dropout, ITM sampler generator) on the real
+    loader: 1 step + resume + 2 steps == 3 steps, bit for bit (the stop falls inside an epoch)."""
+    import copy
+
+    _, ds = synth
+    cfg = dict(steps=3, lr=1e-4, warmup_steps=1, log_every=1, progress=False, grad_accum=1)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def run(out, steps_first=None, resume=False):
+        torch.manual_seed(123 if resume else 0)
+        m = copy.deepcopy(model)
+        m.itm_generator = None
+        if resume:  # everything must come from the checkpoint, not from this model's state
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(0.01)
+        else:
+            m.load_state_dict(init)
+        loader = EV.make_loader(m, ds, batch_size=BATCH, train=True, num_threads=0, seed=0)
+        cb = []
+        if steps_first:
+            cb = [lambda tr, rec: tr.request_stop() if rec["step"] == steps_first else None]
+        tr = T.Trainer(m, loader, T.TrainConfig(**cfg), out, device="cpu", callbacks=cb)
+        res = tr.fit(resume=os.path.join(out, T.CHECKPOINT_NAME) if resume else None)
+        return res, m
+
+    full, m_full = run(str(tmp_path / "full"))
+    part, _ = run(str(tmp_path / "part"), steps_first=1)
+    assert part.status == "interrupted" and part.step == 1
+    rest, m_rest = run(str(tmp_path / "part"), resume=True)
+    assert rest.step == 3
+    got = [r["loss"] for r in part.history + rest.history]
+    assert got == [r["loss"] for r in full.history]
+    sd = m_full.state_dict()
+    for k, v in m_rest.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_pretrain_and_eval_commands(synth, tmp_path, capsys):
+    from gkcore.cli import main
+
+    root, _ = synth
+    out = str(tmp_path / "run")
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in OVERRIDES.items()]
+    argv = ["pretrain", "--preset", "gk_mvlp_tiny", "--data", f"synth:{root}", "--out", out, "--steps", "2",
+            "--batch-size", str(BATCH), "--warmup", "1", "--log-every", "1", "--num-threads", "0",
+            "--no-progress", "--device", "cpu"] + sets
+    assert main(argv) == 0
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+    assert main(argv[:-len(sets)] + ["--steps", "3", "--resume"] + sets) == 0
+    log = [json.loads(x) for x in open(os.path.join(out, T.LOG_NAME))]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert {"loss", "loss_itc", "loss_itm", "loss_lm", "loss_ecls", "images_per_s", "memory_mb"} <= set(log[0])
+    capsys.readouterr()
+    js = str(tmp_path / "m.json")
+    for ck in ("model.safetensors", T.CHECKPOINT_NAME):
+        assert main(["eval", "--task", "zero-shot", "--checkpoint", os.path.join(out, ck), "--data",
+                     f"synth:{root}", "--batch-size", str(BATCH), "--device", "cpu", "--json", js]) == 0
+        text = capsys.readouterr().out
+        assert "macro" in text
+        assert 0.0 <= json.load(open(js))["macro"] <= 1.0
+
+
+def test_plots(tmp_path):
+    from gkcore.engine.plots import plot_grounding, plot_loss_curves
+
+    hist = [{"step": i, "loss": 3.0 / i, "loss_itc": 1.0 / i} for i in range(1, 6)]
+    p = plot_loss_curves(hist, str(tmp_path / "loss.png"))
+    img = np.random.default_rng(0).random((64, 64))
+    q = plot_grounding(img, np.eye(4), str(tmp_path / "g.png"), true_boxes=[(0.1, 0.1, 0.4, 0.5)])
+    for f in (p, q):
+        assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="heatmap"):
+        plot_grounding(img, np.zeros(3), str(tmp_path / "x.png"))
+
+
+def test_pretrain_under_torchrun_two_cpu_processes(synth, tmp_path):
+    """The real model through ``torchrun --nproc_per_node 2 -m gkcore pretrain`` (gloo): one step runs, only
+    rank 0 writes. (Loss equivalence with one process is tested on a toy model in test_engine_trainer.py;
+    GK-MVLP's contrastive losses gather features only where gkcore.nn.ITCLoss does.)"""
+    import subprocess
+    import sys
+
+    root, _ = synth
+    out = str(tmp_path / "ddp")
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in OVERRIDES.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "gkcore",
+           "pretrain", "--preset", "gk_mvlp_tiny", "--data", f"synth:{root}", "--out", out, "--steps", "1",
+           "--batch-size", "4", "--warmup", "1", "--num-threads", "0", "--no-progress", "--device", "cpu"] + sets
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stderr
+    assert sorted(os.listdir(out)) == sorted([T.CHECKPOINT_NAME, T.LOG_NAME, "model.safetensors"])
+    ck = T.load_checkpoint(os.path.join(out, T.CHECKPOINT_NAME))
+    assert ck["step"] == 1 and ck["world_size"] == 2 and len(ck["rng"]) == 2
