@@ -69,6 +69,10 @@ class TextConfig:
     share_decoder_embeddings: bool = False
     tie_lm_head: bool = True
     bos_token: str = "[unused0]"
+    #: sentence feature of the report / prompt fed to ``text_proj`` and to the GK queries: "mean" (masked
+    #: mean over the tokens, how sentence-transformer checkpoints such as MiniLM were trained; their CLS
+    #: token after the first layers is nearly the same vector for every sentence) or "cls" (BERT's CLS)
+    pooling: str = "mean"
 
 
 @dataclass
@@ -206,6 +210,8 @@ def config_to_dict(cfg: GKMVLPConfig) -> Dict[str, Any]:
 
 def config_from_dict(d: Dict[str, Any]) -> GKMVLPConfig:
     d = dict(d)
+    if isinstance(d.get("text"), dict) and "pooling" not in d["text"]:
+        d["text"] = {**d["text"], "pooling": "cls"}  # saved before ``text.pooling`` existed: CLS features
     parts = {"vision": VisionConfig, "text": TextConfig, "gk": GKConfig, "loss": LossConfig}
     kw = {k: (parts[k](**v) if k in parts else v) for k, v in d.items()}
     return GKMVLPConfig(**kw)

@@ -1,7 +1,7 @@
 """The GK (grounded knowledge) module of GK-MVLP.
 
 Inputs: ViT patch tokens ``patches`` (B, N, Dv) on a (gh, gw) grid (CLS stripped), anatomical region
-boxes (B, R=29, 4) with a mask (B, R), and knowledge queries: the text tower's CLS features of the
+boxes (B, R=29, 4) with a mask (B, R), and knowledge queries: the text tower's pooled (mean over tokens) features of the
 entity prompts, ``prompt_feats`` (E, Dt) ("{entity}: {description}").
 
     q        = LN(W_q prompt_feats)                                   (E, Dv)  shared by the batch

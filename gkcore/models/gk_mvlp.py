@@ -13,7 +13,8 @@ E knowledge entities, R = 29 regions):
 * ``gk`` :class:`GKModule`: knowledge queries (entity prompts encoded by the text tower) fused with
   region-pooled and global patch features; per-entity present/absent head; grounding maps.
 * ``detector`` :class:`RegionDetector`: region boxes from the batch, the atlas, or a Faster R-CNN.
-* ``vision_proj`` / ``text_proj``: Linear to De, features L2-normalised; momentum copies
+* ``vision_proj`` / ``text_proj``: Linear to De (from the ViT CLS token / the report encoder's masked mean
+  over tokens, ``text.pooling``), features L2-normalised; momentum copies
   ``visual_m``, ``vision_proj_m``, ``text_encoder_m``, ``text_proj_m`` (EMA, ``loss.momentum``).
 
 Losses of ``model(batch)`` (each a scalar; ``loss`` = weighted sum with ``config.loss.w_*``):
@@ -141,6 +142,8 @@ class GKMVLP(nn.Module):
         self.vision_proj = nn.Linear(Dv, De)
         self.text_proj = nn.Linear(Dt, De)
         self.itm_head = nn.Linear(Dt, 2)
+        if tc.pooling not in ("mean", "cls"):
+            raise ValueError(f"text.pooling must be 'mean' or 'cls', got {tc.pooling!r}")
         if gc.knowledge_encoder not in ("online", "frozen"):
             raise ValueError(f"gk.knowledge_encoder must be 'online' or 'frozen', got {gc.knowledge_encoder!r}")
         if gc.knowledge_encoder == "frozen":
@@ -229,7 +232,7 @@ class GKMVLP(nn.Module):
 
     def _encode_prompts(self, prompts: Sequence[str], device, dtype, grad: bool,
                         online: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(CLS features (P, Dt), normalised embeddings (P, De)) of text prompts by the knowledge towers
+        """(pooled features (P, Dt) (:meth:`pool_text`), normalised embeddings (P, De)) of text prompts by the knowledge towers
         (``online=True``: by the online report encoder, whose embeddings live in the ITC space)."""
         enc, proj = (self.text_encoder, self.text_proj) if online else self.knowledge_towers()
         ids, att = self._tokenize(prompts, device)
@@ -238,7 +241,7 @@ class GKMVLP(nn.Module):
             if not grad:
                 enc.eval()
             try:
-                cls = enc(ids, att)[:, 0]
+                cls = self.pool_text(enc(ids, att), att)
             finally:
                 enc.train(was)
             emb = F.normalize(proj(cls), dim=-1)
@@ -343,6 +346,14 @@ class GKMVLP(nn.Module):
             return ls.detach().exp()
         return torch.tensor(1.0 / self.config.loss.temperature)
 
+    def pool_text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sentence features (B, Dt) of text-tower outputs ``hidden`` (B, L, Dt) with ``attention_mask``
+        (B, L) 0/1: masked mean over the tokens (``text.pooling="mean"``) or the CLS token ("cls")."""
+        if self.config.text.pooling == "cls":
+            return hidden[:, 0]
+        m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
     def _image(self, images):
         tokens = self.visual(images)
         return tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
@@ -366,12 +377,12 @@ class GKMVLP(nn.Module):
         # ---- unimodal features
         img_tokens, img_feat = self._image(images)
         txt_hidden = self.text_encoder(ids, att)
-        txt_feat = F.normalize(self.text_proj(txt_hidden[:, 0]), dim=-1)
+        txt_feat = F.normalize(self.text_proj(self.pool_text(txt_hidden, att)), dim=-1)
         with torch.no_grad():
             if self.training:
                 self.momentum_update()
             img_m = F.normalize(self.vision_proj_m(self.visual_m(images)[:, 0]), dim=-1)
-            txt_m = F.normalize(self.text_proj_m(self.text_encoder_m(ids, att)[:, 0]), dim=-1)
+            txt_m = F.normalize(self.text_proj_m(self.pool_text(self.text_encoder_m(ids, att), att)), dim=-1)
 
         # ---- ITC (enqueues momentum features in training mode)
         loss_itc = self.itc(img_feat, txt_feat, img_m, txt_m, alpha=alpha)
@@ -455,7 +466,7 @@ class GKMVLP(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         h = self.text_encoder(input_ids.to(dev).long(), attention_mask.to(dev).long())
-        return F.normalize(self.text_proj(h[:, 0]), dim=-1)
+        return F.normalize(self.text_proj(self.pool_text(h, attention_mask.to(dev).long())), dim=-1)
 
     def _query_feats(self, entities: Optional[Sequence[str]]):
         feats, _ = self.knowledge_book()
