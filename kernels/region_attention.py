@@ -252,6 +252,37 @@ def _region_attention_fwd_kernel(q_ptr, k_ptr, v_ptr, box_ptr, mask_ptr, o_ptr, 
 
 
 @triton.jit
+def _kv_block_bwd(kt, vt, kvalid, q_base, do_base, dq_base, lse_ptr, delta_ptr, st_base, P, D, sqp, sqd,
+                  offs_d, dmask, qk_scale, sm_scale, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Flash-attention backward of one block of keys ``kt`` / values ``vt`` (BLOCK_KV, BLOCK_D) against every
+    query block, in a fixed order: adds this block's share to dq in place and returns (dk / sm_scale, dv)
+    as fp32 tiles. Serves both the pooled region keys and the patch keys."""
+    dk = tl.zeros([BLOCK_KV, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_KV, BLOCK_D], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        pmask = offs_p < P
+        qm = pmask[:, None] & dmask[None, :]
+        q = tl.load(q_base + offs_p[:, None] * sqp + offs_d[None, :] * sqd, mask=qm, other=0.0)
+        do = tl.load(do_base + offs_p[:, None] * D + offs_d[None, :], mask=qm, other=0.0)
+        lse = tl.load(lse_ptr + st_base + offs_p, mask=pmask, other=float("inf"))
+        delta = tl.load(delta_ptr + st_base + offs_p, mask=pmask, other=0.0)
+        s = _mm(q, tl.trans(kt), PREC, UPCAST) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(kvalid[None, :], p, 0.0)
+        dv += _mm(tl.trans(p.to(q.dtype)), do, PREC, UPCAST)
+        dp = _mm(do, tl.trans(vt), PREC, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dk += _mm(tl.trans(ds.to(q.dtype)), q, PREC, UPCAST)
+        dq_ptrs = dq_base + offs_p[:, None] * D + offs_d[None, :]
+        dq = tl.load(dq_ptrs, mask=qm, other=0.0)
+        dq += _mm(ds.to(q.dtype), kt, PREC, UPCAST) * sm_scale
+        tl.store(dq_ptrs, dq, mask=qm)
+    return dk, dv
+
+
+@triton.jit
 def _region_attention_bwd_kernel(q_ptr, k_ptr, v_ptr, box_ptr, mask_ptr, do_ptr, lse_ptr, delta_ptr,
                                  dq_ptr, dk_ptr, dv_ptr, drk_ptr, drv_ptr,
                                  H, P, N, R, GH, GW, D, OH, OW, SAMPLING_RATIO, qk_scale, sm_scale,
@@ -287,27 +318,8 @@ def _region_attention_bwd_kernel(q_ptr, k_ptr, v_ptr, box_ptr, mask_ptr, do_ptr,
         rk = rk.to(q_ptr.dtype.element_ty)
         rv = rv.to(q_ptr.dtype.element_ty)
         valid = _region_valid(mask_ptr, b, r0, R, HAS_MASK, BLOCK_R)
-        drk = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        drv = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
-            pmask = offs_p < P
-            qm = pmask[:, None] & dmask[None, :]
-            q = tl.load(q_base + offs_p[:, None] * sqp + offs_d[None, :] * sqd, mask=qm, other=0.0)
-            do = tl.load(do_base + offs_p[:, None] * D + offs_d[None, :], mask=qm, other=0.0)
-            lse = tl.load(lse_ptr + st_base + offs_p, mask=pmask, other=float("inf"))
-            delta = tl.load(delta_ptr + st_base + offs_p, mask=pmask, other=0.0)
-            s = _mm(q, tl.trans(rk), PREC, UPCAST) * qk_scale
-            p = tl.exp2(s - lse[:, None])
-            p = tl.where(valid[None, :], p, 0.0)
-            drv += _mm(tl.trans(p.to(q.dtype)), do, PREC, UPCAST)
-            dp = _mm(do, tl.trans(rv), PREC, UPCAST)
-            ds = p * (dp - delta[:, None])
-            drk += _mm(tl.trans(ds.to(q.dtype)), q, PREC, UPCAST)
-            dq_ptrs = dq_base + offs_p[:, None] * D + offs_d[None, :]
-            dq = tl.load(dq_ptrs, mask=qm, other=0.0)
-            dq += _mm(ds.to(q.dtype), rk, PREC, UPCAST) * sm_scale
-            tl.store(dq_ptrs, dq, mask=qm)
+        drk, drv = _kv_block_bwd(rk, rv, valid, q_base, do_base, dq_base, lse_ptr, delta_ptr, st_base, P, D, sqp,
+                                 sqd, offs_d, dmask, qk_scale, sm_scale, PREC, UPCAST, BLOCK_P, BLOCK_R, BLOCK_D)
         offs_r = r0 + tl.arange(0, BLOCK_R)
         rm = (offs_r < R)[:, None] & dmask[None, :]
         tl.store(drk_base + offs_r[:, None] * D + offs_d[None, :], drk * sm_scale, mask=rm)
@@ -324,25 +336,9 @@ def _region_attention_bwd_kernel(q_ptr, k_ptr, v_ptr, box_ptr, mask_ptr, do_ptr,
         if ATTEND_PATCHES:
             kt = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=lm, other=0.0)
             vt = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=lm, other=0.0)
-            for p0 in range(0, P, BLOCK_P):
-                offs_p = p0 + tl.arange(0, BLOCK_P)
-                pmask = offs_p < P
-                qm = pmask[:, None] & dmask[None, :]
-                q = tl.load(q_base + offs_p[:, None] * sqp + offs_d[None, :] * sqd, mask=qm, other=0.0)
-                do = tl.load(do_base + offs_p[:, None] * D + offs_d[None, :], mask=qm, other=0.0)
-                lse = tl.load(lse_ptr + st_base + offs_p, mask=pmask, other=float("inf"))
-                delta = tl.load(delta_ptr + st_base + offs_p, mask=pmask, other=0.0)
-                s = _mm(q, tl.trans(kt), PREC, UPCAST) * qk_scale
-                p = tl.exp2(s - lse[:, None])
-                p = tl.where(nmask[None, :], p, 0.0)
-                dv_acc += _mm(tl.trans(p.to(q.dtype)), do, PREC, UPCAST)
-                dp = _mm(do, tl.trans(vt), PREC, UPCAST)
-                ds = p * (dp - delta[:, None])
-                dk_acc += _mm(tl.trans(ds.to(q.dtype)), q, PREC, UPCAST)
-                dq_ptrs = dq_base + offs_p[:, None] * D + offs_d[None, :]
-                dq = tl.load(dq_ptrs, mask=qm, other=0.0)
-                dq += _mm(ds.to(q.dtype), kt, PREC, UPCAST) * sm_scale
-                tl.store(dq_ptrs, dq, mask=qm)
+            dk_acc, dv_acc = _kv_block_bwd(kt, vt, nmask, q_base, do_base, dq_base, lse_ptr, delta_ptr, st_base, P,
+                                           D, sqp, sqd, offs_d, dmask, qk_scale, sm_scale, PREC, UPCAST, BLOCK_P,
+                                           BLOCK_N, BLOCK_D)
             dk_acc = dk_acc * sm_scale
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)

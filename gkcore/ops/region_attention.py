@@ -19,7 +19,8 @@ import torch
 
 from ..reference.region_attention import region_attention_reference
 from . import _triton
-from ._util import check_same_device, check_tensor, is_compiling, new_output
+from ._util import check_same_device, check_tensor, new_output
+from .region_pool import check_roi_args
 from .registry import Backend, register_op
 
 __all__ = ["region_attention", "OP"]
@@ -70,21 +71,9 @@ def validate(q, k, v, boxes, grid_size, region_mask, output_size, sampling_ratio
             raise ValueError(f"region_mask must be a bool tensor (True = region present), got {region_mask.dtype}")
         if tuple(region_mask.shape) != (B, R):
             raise ValueError(f"region_mask must have shape (B={B}, R={R}), got {tuple(region_mask.shape)}")
-    if not isinstance(output_size, int) or output_size < 1:
-        raise ValueError(f"output_size must be a positive int, got {output_size!r}")
-    if not isinstance(sampling_ratio, int):
-        raise ValueError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    if boxes.numel() and not is_compiling():
-        b = boxes.detach()
-        flags = torch.stack([(~torch.isfinite(b)).any(), (b[..., 2] < b[..., 0]).any(),
-                             (b[..., 3] < b[..., 1]).any()]).tolist()
-        if flags[0]:
-            raise ValueError("boxes contain NaN or inf")
-        if flags[1] or flags[2]:
-            raise ValueError("boxes must be (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0; got a box with "
-                             f"{'x1 < x0' if flags[1] else 'y1 < y0'} (are they (y0, x0, y1, x1) or (x, y, w, h)?)")
+    check_roi_args(boxes, output_size, sampling_ratio)
     return gh, gw
 
 

@@ -60,6 +60,14 @@ def validate(tokens, boxes, grid_size, output_size, sampling_ratio):
     if boxes.dtype != tokens.dtype and not (boxes.dtype == torch.float32 and tokens.dtype in _HALF):
         raise ValueError(f"boxes dtype {boxes.dtype} does not match tokens dtype {tokens.dtype} "
                          "(float32 boxes are accepted with float16/bfloat16 tokens)")
+    check_roi_args(boxes, output_size, sampling_ratio)
+    return tokens3, gh, gw
+
+
+def check_roi_args(boxes: torch.Tensor, output_size, sampling_ratio) -> None:
+    """The RoIAlign options and box values shared by every op that pools regions (region_pool,
+    region_attention): a positive int ``output_size``, an int ``sampling_ratio``, finite (x0, y0, x1, y1)
+    boxes with x1 >= x0 and y1 >= y0 (one host sync; skipped while torch.compile traces)."""
     if not isinstance(output_size, int) or output_size < 1:
         raise ValueError(f"output_size must be a positive int, got {output_size!r}")
     if not isinstance(sampling_ratio, int):
@@ -73,7 +81,6 @@ def validate(tokens, boxes, grid_size, output_size, sampling_ratio):
         if flags[1] or flags[2]:
             raise ValueError("boxes must be (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0; got a box with "
                              f"{'x1 < x0' if flags[1] else 'y1 < y0'} (are they (y0, x0, y1, x1) or (x, y, w, h)?)")
-    return tokens3, gh, gw
 
 
 # ------------------------------------------------------------------------------------------- kernels
