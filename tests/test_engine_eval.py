@@ -51,6 +51,9 @@ def test_zero_shot_and_localization(model, synth):
     assert all(_in01(v) for v in r["per_class"].values())
     g = EV.grounding(model, EV.make_loader(model, ds, batch_size=BATCH), keep_examples=1)
     assert g["n_findings"] > 0 and 0.0 <= g["pointing_game"] <= 1.0 and 0.0 < g["pointing_chance"] < 1.0
+    for k in ("saliency", "region", "region_text"):
+        assert 0.0 <= g[f"pointing_game_{k}"] <= 1.0, k
+    assert g["examples"][0]["saliency"].shape == model.visual.grid_size
     assert _in01(g["mAP"])
     ex = g["examples"][0]
     assert ex["heatmap"].ndim == 2 and ex["image"].shape[-2:] == (64, 64)
@@ -160,6 +163,48 @@ def test_pretrain_and_eval_commands(synth, tmp_path, capsys):
         text = capsys.readouterr().out
         assert "macro" in text
         assert 0.0 <= json.load(open(js))["macro"] <= 1.0
+
+
+def test_paint_regions_spreads_each_score_over_its_box():
+    h = EV._paint_regions(np.array([0.6, 0.4]), np.array([[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 1.0, 1.0]]), size=4)
+    want = np.zeros((4, 4))
+    want[:2, :2] += 0.6 / 4
+    want[1:, 1:] += 0.4 / 9
+    np.testing.assert_allclose(h, want)
+    assert np.unravel_index(h.argmax(), h.shape) == (1, 1)  # the overlap cell
+
+
+def test_demo_end_to_end_small(tmp_path, capsys):
+    """``gkcore demo`` on a few images with the shrunken model: the table, the before/after metrics,
+    the figures, the checkpoint and results.json (the full-size run is in the README)."""
+    from gkcore.cli import main
+    from gkcore.engine.demo import DEMO_OVERRIDES
+
+    out = str(tmp_path / "demo")
+    sets = [f"{k}={json.dumps(v)}" for k, v in {**OVERRIDES, **DEMO_OVERRIDES, "loss.queue_size": 16}.items()]
+    argv = ["demo", "--out", out, "--n", "24", "--size", "96", "--steps", "3", "--batch-size", "8", "--no-progress"]
+    for x in sets:
+        argv += ["--set", x]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    for row in ("zero-shot AUROC (macro)", "pointing game (GK saliency)", "pointing game (GK attention)",
+                "image->report R@1", "over 3 steps"):
+        assert row in text, row
+    r = json.load(open(os.path.join(out, "results.json")))
+    assert r["train"]["steps"] == 3 and r["train"]["status"] == "completed"
+    for part in ("before", "after"):
+        assert 0.0 <= r[part]["zero_shot_auroc"] <= 1.0 and 0.0 <= r[part]["pointing_game_saliency"] <= 1.0
+    assert r["above_chance_after_pretraining"] == bool(
+        r["after"]["zero_shot_auroc"] > 0.5 and r["after"]["pointing_game_saliency"] > r["after"]["pointing_chance"])
+    for f in ("loss_curves.png", "grounding_before.png", "grounding_after.png"):
+        assert open(os.path.join(out, f), "rb").read(8) == b"\x89PNG\r\n\x1a\n", f
+    from gkcore.models import GKMVLP
+
+    m = GKMVLP.load(os.path.join(out, "model.safetensors"))
+    assert m.config.image_size == 64 and m.config.vision.stem == "conv" and m.config.dropout == 0.0
+    # a second run reuses the generated images
+    assert main(argv + ["--steps", "1"]) == 0
+    assert "reusing the synthetic set" in capsys.readouterr().out
 
 
 def test_plots(tmp_path):

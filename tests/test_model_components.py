@@ -80,7 +80,7 @@ def test_real_tiny_preset_trains_one_step():
     # pretrained MiniLM: entity prompts are told apart, so LECLS is below log(E) (uniform) already
     assert out["loss_lm"].item() < 1.2 * math.log(cfg.text.vocab_size)
     out["loss"].backward()
-    assert model.visual.vit.patch_embed.proj.weight.grad is not None
+    assert all(p.grad is not None for p in model.visual.vit.patch_embed.proj.parameters())
     assert model.gk.fusion.layers[0].region_attn.q_proj.weight.grad is not None
 
 
@@ -189,6 +189,40 @@ def test_vision_encoder_loads_a_local_timm_checkpoint(tmp_path):
     assert enc(torch.randn(2, 1, 32, 32)).shape == (2, 17, 64)
     with pytest.raises(ValueError, match="not a file"):
         ImageEncoder(VisionConfig(model_name="vit_tiny_patch16_224", checkpoint="org/some-hub-id"), 32, 1)
+
+
+def test_conv_stem_keeps_the_token_grid_and_learns():
+    """vision.stem="conv": log2(patch) stride-2 conv blocks + 1x1 projection replace the patch projection;
+    same token grid and parameters that receive gradients; refuses odd patch sizes and checkpoints."""
+    from gkcore.models.config import VisionConfig
+    from gkcore.models.encoders import ConvStem, ImageEncoder
+
+    torch.manual_seed(0)
+    vc = VisionConfig(model_name="vit_tiny_patch16_224", patch_size=16, depth=1, embed_dim=64, num_heads=2, stem="conv")
+    enc = ImageEncoder(vc, image_size=64, channels=1)
+    stem = enc.vit.patch_embed.proj
+    assert isinstance(stem, ConvStem) and enc.grid_size == (4, 4)
+    convs = [m for m in stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [2, 2, 2, 2, 1]
+    assert [c.out_channels for c in convs] == [8, 16, 32, 64, 64]
+    x = torch.randn(2, 1, 64, 64)
+    out = enc(x)
+    assert out.shape == (2, 17, 64) and torch.isfinite(out).all()
+    # a patch's token depends on the image around it (3x3 receptive fields overlap the neighbours)
+    y = x.clone()
+    y[:, :, :16, 16:32] += 1.0  # only patch (0, 1) changes
+    d = (enc(y) - out).abs().sum(-1)[0, 1:].view(4, 4)  # after 1 transformer block every token moves a bit
+    assert d[0, 1] == d.max()
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stem.parameters())
+    with pytest.raises(ValueError, match="power-of-two"):
+        ConvStem(1, 64, 12)
+    with pytest.raises(ValueError, match="cannot load a ViT checkpoint"):
+        ImageEncoder(VisionConfig(stem="conv", checkpoint="/some/vit.pth"), 224, 1)
+    with pytest.raises(ValueError, match="'patch' or 'conv'"):
+        ImageEncoder(VisionConfig(model_name="vit_tiny_patch16_224", depth=1, stem="resnet"), 64, 1)
+    with torch.device("meta"):  # builds without memory like the other encoders
+        assert ImageEncoder(vc, 64, 1)(torch.empty(1, 1, 64, 64, device="meta")).shape == (1, 17, 64)
 
 
 def test_training_step_on_real_loader_output(tmp_path):

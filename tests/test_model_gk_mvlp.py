@@ -90,6 +90,23 @@ def test_presets_listed_and_overrides():
         create_model("gk_mvlp_huge")
     with pytest.raises(ValueError, match="backend must be one of"):
         create_model("gk_mvlp_tiny", backend="fortran")
+    # values keep their field's type: a string "False" is not silently truthy, "2.5" layers is refused
+    with pytest.raises(ValueError, match="must be true or false, got 'False'"):
+        get_config("gk_mvlp_tiny", **{"text.share_decoder_embeddings": "False"})
+    with pytest.raises(ValueError, match="must be an integer"):
+        get_config("gk_mvlp_tiny", **{"text.decoder_layers": 2.5})
+    with pytest.raises(ValueError, match="must be a number"):
+        get_config("gk_mvlp_tiny", dropout="0.1")
+    assert get_config("gk_mvlp_tiny", **{"text.decoder_layers": 3.0}).text.decoder_layers == 3
+
+
+def test_cli_set_values_parse_json_and_python_literals():
+    from gkcore.engine.cli import _parse_set
+
+    got = _parse_set(["a=False", "b=false", "c=0.5", "d=conv", "e=None", "f=[1, 2]"])
+    assert got == {"a": False, "b": False, "c": 0.5, "d": "conv", "e": None, "f": [1, 2]}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        _parse_set(["novalue"])
 
 
 def test_create_model_applies_overrides(tiny):
@@ -352,6 +369,56 @@ def test_inference_api_shapes(tiny, batch):
         tiny.encode_image(img[:, :, :16])
 
 
+def test_ground_saliency_is_the_norm_of_the_gk_decision_gradient(tiny, batch):
+    """``patch_saliency`` against central finite differences of logit_present - logit_absent with
+    respect to every channel of every patch token (all perturbations in one batched GK forward)."""
+    img, rb, rm = batch["image"][:1], batch["region_boxes"][:1], batch["region_mask"][:1]
+    entity = "pleural effusion"
+    sal = tiny.ground(img, entity, region_boxes=rb, region_mask=rm)["patch_saliency"]
+    gh, gw = tiny.visual.grid_size
+    assert sal.shape == (1, gh, gw) and bool((sal >= 0).all())
+    torch.testing.assert_close(sal.sum(), torch.tensor(1.0))
+    tiny.eval()
+    with torch.no_grad():
+        x = tiny._images(img)
+        tokens = tiny.visual(x)[:, 1:]
+        boxes, rmask = tiny.detector(x, rb.to(x.dtype), rm)
+        q = tiny._query_feats([entity])
+        N, D = tokens.shape[1:]
+        eps = 1e-2
+        d = torch.eye(N * D).view(N * D, N, D) * eps
+        p = torch.cat([tokens + d, tokens - d])  # (2 N D, N, D)
+        M = p.shape[0]
+        lo = tiny.gk(p, (gh, gw), boxes.expand(M, -1, -1), rmask.expand(M, -1), q, with_regions=False,
+                     prompt_center=tiny._query_center())["logits"][:, 0]
+        f = (lo[:, 1] - lo[:, 0]).double()
+        grad = ((f[:N * D] - f[N * D:]) / (2 * eps)).view(N, D)
+    want = grad.norm(dim=-1)
+    want = (want / want.sum()).float().view(1, gh, gw)
+    torch.testing.assert_close(sal, want, atol=2e-3, rtol=2e-2)
+    assert want.max() > 1.5 / (gh * gw)  # not a flat map: the check can fail
+
+
+def test_centred_gk_queries_ignore_a_common_shift_of_the_prompts(tiny):
+    """gk.center_queries: the book's mean prompt feature is removed before the query projection, so a
+    vector added to every prompt feature changes nothing; without centring it does."""
+    torch.manual_seed(0)
+    gk = tiny.gk.eval()
+    feats, _ = tiny.knowledge_book()
+    gh, gw = tiny.visual.grid_size
+    patches = torch.randn(2, gh * gw, gk.width)
+    boxes = torch.tensor([0.1, 0.1, 0.6, 0.7]).expand(2, 29, 4).clone()
+    mask = torch.ones(2, 29, dtype=torch.bool)
+    shift = torch.randn(feats.shape[1])
+    with torch.no_grad():
+        a = gk(patches, (gh, gw), boxes, mask, feats, prompt_center=feats.mean(0))["logits"]
+        b = gk(patches, (gh, gw), boxes, mask, feats + shift, prompt_center=(feats + shift).mean(0))["logits"]
+        c = gk(patches, (gh, gw), boxes, mask, feats + shift)["logits"]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(a, c, atol=1e-3)
+    assert tiny.config.gk.center_queries and torch.equal(tiny._query_center(), feats.mean(0))
+
+
 def test_greedy_generation_follows_the_argmax(tiny, batch):
     """Greedy decoding equals step-by-step argmax of the decoder's next-token distribution."""
     tiny.eval()
@@ -384,7 +451,8 @@ def test_beam_search_scores(tiny, batch):
     # teacher forcing: re-score the sequences with the decoder
     tokens = tiny.visual(img)
     boxes, rmask = tiny.detector(img)
-    gk = tiny.gk(tokens[:, 1:], tiny.visual.grid_size, boxes, rmask, tiny.knowledge_book()[0])
+    gk = tiny.gk(tokens[:, 1:], tiny.visual.grid_size, boxes, rmask, tiny.knowledge_book()[0],
+                 prompt_center=tiny._query_center())
     enc, enc_mask = tiny._decoder_memory(tokens, gk, rmask)
     sep = tiny.tokenizer.sep_token_id
     for ids, sc in ((ids_g, sc_g), (ids_b, sc_b)):

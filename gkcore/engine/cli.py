@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -12,7 +13,8 @@ __all__ = ["register", "cmd_pretrain", "cmd_demo", "cmd_eval"]
 
 
 def _parse_set(items) -> Dict[str, Any]:
-    """``["embed_dim=64", "vision.depth=2"]`` -> overrides (values parsed as JSON when they parse)."""
+    """``["embed_dim=64", "vision.depth=2"]`` -> overrides (values parsed as JSON or as a Python literal when
+    they parse, else kept as strings; the config checks the types)."""
     out: Dict[str, Any] = {}
     for it in items or []:
         if "=" not in it:
@@ -21,7 +23,10 @@ def _parse_set(items) -> Dict[str, Any]:
         try:
             out[k.strip()] = json.loads(v)
         except json.JSONDecodeError:
-            out[k.strip()] = v
+            try:  # Python spellings: True, False, None, (1, 2)
+                out[k.strip()] = ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                out[k.strip()] = v
     return out
 
 

@@ -236,6 +236,16 @@ def fine_tune(model, train_loader, test_loader, fraction: float = 1.0, epochs: i
 
 
 # ------------------------------------------------------------------------------------------ localization
+def _paint_regions(scores: np.ndarray, boxes: np.ndarray, size: int = 64) -> np.ndarray:
+    """Region scores (R,) painted on a (size, size) map: each region adds score / area over its box."""
+    h = np.zeros((size, size), np.float64)
+    for s, (x0, y0, x1, y1) in zip(scores, boxes):
+        c0, r0 = int(x0 * size), int(y0 * size)
+        c1, r1 = max(c0 + 1, int(math.ceil(x1 * size))), max(r0 + 1, int(math.ceil(y1 * size)))
+        h[r0:r1, c0:c1] += float(s) / ((r1 - r0) * (c1 - c0))
+    return h
+
+
 @torch.no_grad()
 def grounding(model, loader, max_batches: Optional[int] = None, keep_examples: int = 0,
               iou_thresholds: Sequence[float] = (0.1, 0.25, 0.5)) -> Dict[str, Any]:
@@ -246,6 +256,10 @@ def grounding(model, loader, max_batches: Optional[int] = None, keep_examples: i
     box of the top-scoring region of ``region_scores`` (B, 29) as the predicted box with that score,
     matched per entity against the true boxes at the IoU thresholds. A random-point baseline is the
     fraction of image area covered by the true boxes (reported as ``pointing_chance``).
+
+    The pointing game is also scored on the model's other maps: ``pointing_game_saliency`` on
+    ``patch_saliency``, ``pointing_game_region`` / ``pointing_game_region_text`` on ``region_scores`` /
+    ``region_text_scores`` painted over the region boxes (each region adds score / box area, 64 x 64 grid).
     """
     model.eval()
     K = _knowledge()
@@ -254,6 +268,7 @@ def grounding(model, loader, max_batches: Optional[int] = None, keep_examples: i
     preds: Dict[int, list] = {}
     gts: Dict[int, list] = {}
     examples = []
+    extra: Dict[str, list] = {}
     uid = 0
     for b in _limited(loader, max_batches):
         fbs = b["finding_boxes"]
@@ -272,9 +287,16 @@ def grounding(model, loader, max_batches: Optional[int] = None, keep_examples: i
                              region_mask=None if rm is None else rm[idx.to(rm.device)])
             pm = g["patch_map"].float().cpu().numpy()
             rs = g["region_scores"].float().cpu().numpy()
+            rts = g["region_text_scores"].float().cpu().numpy()
+            sal = g["patch_saliency"].float().cpu().numpy() if "patch_saliency" in g else None
             rbx = (rb[idx.to(rb.device)].float().cpu().numpy() if rb is not None else None)
             for j, (i, bx) in enumerate(items):
                 heat.append(pm[j])
+                if sal is not None:
+                    extra.setdefault("saliency", []).append(sal[j])
+                if rbx is not None:
+                    extra.setdefault("region", []).append(_paint_regions(rs[j], rbx[j]))
+                    extra.setdefault("region_text", []).append(_paint_regions(rts[j], rbx[j]))
                 boxes.append(bx)
                 area = np.zeros((64, 64), bool)
                 for x0, y0, x1, y1 in bx:
@@ -287,6 +309,7 @@ def grounding(model, loader, max_batches: Optional[int] = None, keep_examples: i
                     preds.setdefault(e, []).append((uid, float(rs[j, r]), rbx[j, r].tolist()))
                 if len(examples) < keep_examples:
                     examples.append({"image": b["image"][i].float().cpu().numpy(), "heatmap": pm[j],
+                                     "saliency": None if sal is None else sal[j],
                                      "boxes": bx, "entity": names[e],
                                      "region_box": None if rbx is None else rbx[j, int(np.argmax(rs[j]))].tolist()})
                 uid += 1
@@ -296,6 +319,8 @@ def grounding(model, loader, max_batches: Optional[int] = None, keep_examples: i
     pg = M.pointing_game(np.stack(heat), boxes) if len(shapes) == 1 else None
     res: Dict[str, Any] = {"pointing_game": pg["accuracy"], "pointing_chance": float(np.mean(chance)),
                            "n_findings": len(heat)}
+    for k, v in extra.items():
+        res[f"pointing_game_{k}"] = M.pointing_game(np.stack(v), boxes)["accuracy"]
     if preds:
         per_t: Dict[str, List[float]] = {}
         for e in gts:

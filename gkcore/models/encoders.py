@@ -11,6 +11,7 @@ Shapes: B batch, L tokens, Dt text width, Nv = 1 + gh*gw image tokens, Dv vision
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -20,23 +21,53 @@ from torch import nn
 
 from .config import TextConfig, VisionConfig
 
-__all__ = ["ImageEncoder", "BertEmbeddings", "BertBlock", "TextEncoder", "FusionEncoder", "ReportDecoder",
+__all__ = ["ConvStem", "ImageEncoder", "BertEmbeddings", "BertBlock", "TextEncoder", "FusionEncoder", "ReportDecoder",
            "load_bert_state", "text_config_from_pretrained", "init_bert_weights"]
 
 
 # ------------------------------------------------------------------------------------------ vision
+class ConvStem(nn.Module):
+    """Convolutional patch embedding (Xiao et al. 2021): ``log2(patch_size)`` blocks of 3x3 stride-2
+    convolution (no bias) + GroupNorm(1 group) + ReLU whose widths double up to ``width``, then a 1x1
+    convolution to ``width``. (B, C, H, W) -> (B, width, H / patch_size, W / patch_size), the grid of a
+    ``patch_size`` patch embedding; a drop-in for timm's ``patch_embed.proj``."""
+
+    def __init__(self, in_chans: int, width: int, patch_size: int):
+        super().__init__()
+        n = int(round(math.log2(patch_size))) if patch_size > 0 else 0
+        if patch_size < 2 or 2 ** n != patch_size:
+            raise ValueError(f"the conv stem needs a power-of-two patch_size >= 2, got {patch_size}")
+        layers, c = [], in_chans
+        for k in range(1, n + 1):
+            out = max(8, width >> (n - k))
+            layers += [nn.Conv2d(c, out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, out), nn.ReLU(inplace=True)]
+            c = out
+        layers.append(nn.Conv2d(c, width, 1))
+        self.layers = nn.Sequential(*layers)
+        self.patch_size = patch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
 class ImageEncoder(nn.Module):
     """timm Vision Transformer: images (B, C, H, W) -> tokens (B, 1 + gh*gw, Dv) (CLS first, final norm).
 
     Built with ``pretrained=False``; a local ``checkpoint`` file is loaded through timm's own loader
     (``pretrained_cfg_overlay=dict(file=...)``) which adapts RGB patch weights to ``in_chans`` and
-    resamples position embeddings to the grid. No hub access happens either way.
+    resamples position embeddings to the grid. No hub access happens either way. ``cfg.stem == "conv"``
+    replaces the patch projection by a :class:`ConvStem` (same grid).
     """
 
     def __init__(self, cfg: VisionConfig, image_size: int, channels: int, dropout: float = 0.0):
         super().__init__()
         import timm
 
+        if cfg.stem not in ("patch", "conv"):
+            raise ValueError(f"vision.stem must be 'patch' or 'conv', got {cfg.stem!r}")
+        if cfg.stem == "conv" and cfg.checkpoint:
+            raise ValueError("vision.stem='conv' cannot load a ViT checkpoint (its patch weights would be dropped); "
+                             "use stem='patch' with a checkpoint")
         kw = dict(img_size=image_size, patch_size=cfg.patch_size, in_chans=channels, num_classes=0,
                   drop_path_rate=cfg.drop_path_rate, proj_drop_rate=0.0)
         for name in ("embed_dim", "depth", "num_heads"):
@@ -52,6 +83,8 @@ class ImageEncoder(nn.Module):
         if getattr(self.vit, "num_prefix_tokens", 1) != 1:
             raise ValueError(f"vision model {cfg.model_name!r} must have exactly one prefix (CLS) token")
         self.width = self.vit.embed_dim
+        if cfg.stem == "conv":
+            self.vit.patch_embed.proj = ConvStem(channels, self.width, cfg.patch_size)
         self.grid_size: Tuple[int, int] = tuple(self.vit.patch_embed.grid_size)
         self.channels, self.image_size = channels, image_size
 

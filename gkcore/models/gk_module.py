@@ -4,7 +4,8 @@ Inputs: ViT patch tokens ``patches`` (B, N, Dv) on a (gh, gw) grid (CLS stripped
 boxes (B, R=29, 4) with a mask (B, R), and knowledge queries: the text tower's pooled (mean over tokens) features of the
 entity prompts, ``prompt_feats`` (E, Dt) ("{entity}: {description}").
 
-    q        = LN(W_q prompt_feats)                                   (E, Dv)  shared by the batch
+    q        = LN(W_q (prompt_feats - c))                             (E, Dv)  shared by the batch
+               (c: the knowledge book's mean prompt feature with ``gk.center_queries``, else 0)
     regions  = region_pool(patches, boxes)                            (B, R, Dv)
     z, maps  = GKFusion(q, patches, boxes, grid, region_mask)         (B, E, Dv), depth x (B, H, E, R [+ N])
                each layer: self-attention among the queries, region cross-attention (z_local),
@@ -40,12 +41,17 @@ class GKModule(nn.Module):
         self.width = vision_width
 
     def forward(self, patches: torch.Tensor, grid_size: Tuple[int, int], boxes: torch.Tensor,
-                region_mask: torch.Tensor, prompt_feats: torch.Tensor, with_regions: bool = True) -> Dict[str, torch.Tensor]:
-        """See the module docstring. Returns dict(z (B,E,Dv), logits (B,E,2), region_attn (B,E,R),
-        patch_attn (B,E,N) or None, regions (B,R,Dv) when ``with_regions``)."""
+                region_mask: torch.Tensor, prompt_feats: torch.Tensor, with_regions: bool = True,
+                prompt_center: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """See the module docstring. ``prompt_center`` (Dt,), when given, is subtracted from every prompt
+        feature before ``query_proj`` (the knowledge book's mean: queries then differ from the start).
+        Returns dict(z (B,E,Dv), logits (B,E,2), region_attn (B,E,R), patch_attn (B,E,N) or None,
+        regions (B,R,Dv) when ``with_regions``)."""
         from gkcore.functional import region_pool
 
         R = boxes.shape[1]
+        if prompt_center is not None:
+            prompt_feats = prompt_feats - prompt_center.to(prompt_feats.dtype)
         q = self.query_proj(prompt_feats.to(patches.dtype))
         z, maps = self.fusion(q.unsqueeze(0), patches, boxes.to(patches.dtype), grid_size, region_mask=region_mask)
         out = {"z": z, "logits": self.cls_head(z)}

@@ -413,7 +413,7 @@ class GKMVLP(nn.Module):
         loss_ecls = GF.entity_contrastive_loss(img_feat, emb.to(img_feat.dtype), labels, 1.0 / self.ecls_temp,
                                                backend=be)
         boxes, rmask = self.detector(images, batch["region_boxes"].to(dev, dt), batch["region_mask"].to(dev))
-        gk = self.gk(img_tokens[:, 1:], self.visual.grid_size, boxes, rmask, feats)
+        gk = self.gk(img_tokens[:, 1:], self.visual.grid_size, boxes, rmask, feats, prompt_center=self._query_center(feats))
         known = labels >= 0  # mean over the mentioned (sample, entity) pairs; 0 when there is none (no sync)
         ce = F.cross_entropy(_acc(gk["logits"]).flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none")
         loss_gk = ((ce * known.flatten()).sum() / known.sum().clamp(min=1)).to(dt)
@@ -468,6 +468,15 @@ class GKMVLP(nn.Module):
         h = self.text_encoder(input_ids.to(dev).long(), attention_mask.to(dev).long())
         return F.normalize(self.text_proj(self.pool_text(h, attention_mask.to(dev).long())), dim=-1)
 
+    def _query_center(self, book: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The knowledge book's mean prompt feature (Dt,) subtracted from every GK query before its
+        projection (``gk.center_queries``), else None. ``book``: the book's features when at hand."""
+        if not self.config.gk.center_queries:
+            return None
+        if book is None:
+            book, _ = self.knowledge_book()
+        return book.mean(0)
+
     def _query_feats(self, entities: Optional[Sequence[str]]):
         feats, _ = self.knowledge_book()
         if entities is None:
@@ -494,7 +503,8 @@ class GKMVLP(nn.Module):
             region_boxes = region_boxes.to(images.device, images.dtype)
         boxes, rmask = self.detector(images, region_boxes, None if region_mask is None else region_mask.to(images.device))
         q = self._query_feats(entities)
-        return tokens, boxes, rmask, self.gk(tokens[:, 1:], self.visual.grid_size, boxes, rmask, q, with_regions=False)
+        return tokens, boxes, rmask, self.gk(tokens[:, 1:], self.visual.grid_size, boxes, rmask, q, with_regions=False,
+                                             prompt_center=self._query_center())
 
     @_inference
     def zero_shot_classify(self, images: torch.Tensor, entities: Optional[Sequence[str]] = None,
@@ -515,7 +525,11 @@ class GKMVLP(nn.Module):
         softmax over patches of the cosine similarity between the fused entity feature and the patch
         tokens (temperature 0.1); ``region_text_scores`` (B, 29): ITC-space grounding with the
         region-aware prompts "{entity} in the {region}": softmax over the present regions of
-        ``vision_proj(region_pool(patches, box_r)) . text_proj(prompt_r) / temp`` (masked regions 0)."""
+        ``vision_proj(region_pool(patches, box_r)) . text_proj(prompt_r) / temp`` (masked regions 0);
+        ``patch_saliency`` (B, gh, gw): gradient saliency of the GK decision (Simonyan et al. 2014), the
+        L2 norm over channels of d(logit_present - logit_absent) / d(patch token), through the GK module
+        with the ViT tokens fixed, normalised to sum to 1 (computed with autograd inside this no-grad
+        method)."""
         if not isinstance(entity, str):
             raise ValueError(f"entity must be a string, got {type(entity).__name__}")
         tokens, boxes, rmask, out = self._gk_infer(images, [entity], region_boxes, region_mask)
@@ -534,6 +548,14 @@ class GKMVLP(nn.Module):
             z = F.normalize(out["z"][:, 0].float(), dim=-1)
             p = F.normalize(tokens[:, 1:].float(), dim=-1)
             pm = torch.softmax(torch.einsum("bd,bnd->bn", z, p) / 0.1, dim=-1)
+        # gradient saliency of the entity's decision on the patch tokens (through the GK module only)
+        with torch.enable_grad():
+            p = tokens[:, 1:].detach().requires_grad_(True)
+            lo = self.gk(p, (gh, gw), boxes, rmask, self._query_feats([entity]), with_regions=False,
+                         prompt_center=self._query_center())["logits"][:, 0]
+            (g,) = torch.autograd.grad((lo[:, 1] - lo[:, 0]).float().sum(), p)
+        sal = g.float().norm(dim=-1)
+        sal = sal / sal.sum(-1, keepdim=True).clamp(min=1e-12)
         # region-aware prompts in the ITC embedding space
         from gkcore.functional import region_pool
 
@@ -545,7 +567,8 @@ class GKMVLP(nn.Module):
         sim = torch.einsum("brd,rd->br", rf.float(), pe.float()) * self._itc_scale().float()
         sim = sim.masked_fill(~rmask.bool(), float("-inf"))
         rts = torch.softmax(sim, -1).nan_to_num(0.0)
-        return {"region_scores": rs, "patch_map": pm.view(B, gh, gw), "region_text_scores": rts}
+        return {"region_scores": rs, "patch_map": pm.view(B, gh, gw), "region_text_scores": rts,
+                "patch_saliency": sal.view(B, gh, gw)}
 
     @torch.no_grad()
     def _next_logprobs(self, ids, enc, enc_mask):
@@ -588,7 +611,7 @@ class GKMVLP(nn.Module):
         boxes, rmask = self.detector(images, None if region_boxes is None else region_boxes.to(images.device, images.dtype),
                                      None if region_mask is None else region_mask.to(images.device))
         feats, _ = self.knowledge_book()
-        gk = self.gk(tokens[:, 1:], self.visual.grid_size, boxes, rmask, feats)
+        gk = self.gk(tokens[:, 1:], self.visual.grid_size, boxes, rmask, feats, prompt_center=self._query_center(feats))
         enc, enc_mask = self._decoder_memory(tokens, gk, rmask)
         B, K, dev = images.shape[0], num_beams, images.device
         sep = self.tokenizer.sep_token_id
