@@ -201,7 +201,7 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     from gkcore.models import GKMVLP
 
     m = GKMVLP.load(os.path.join(out, "model.safetensors"))
-    assert m.config.image_size == 64 and m.config.vision.stem == "conv" and m.config.dropout == 0.0
+    assert m.config.image_size == 64 and m.config.vision.stem == "patch" and m.config.dropout == 0.0
     # a second run reuses the generated images
     assert main(argv + ["--steps", "1"]) == 0
     assert "reusing the synthetic set" in capsys.readouterr().out

@@ -416,7 +416,17 @@ def test_centred_gk_queries_ignore_a_common_shift_of_the_prompts(tiny):
         c = gk(patches, (gh, gw), boxes, mask, feats + shift)["logits"]
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(a, c, atol=1e-3)
-    assert tiny.config.gk.center_queries and torch.equal(tiny._query_center(), feats.mean(0))
+    assert not tiny.config.gk.center_queries and tiny._query_center() is None  # off by default
+    torch.manual_seed(0)
+    m = micro(gk__center_queries=True).eval()
+    book = m.knowledge_book()[0]
+    assert torch.equal(m._query_center(), book.mean(0))
+    img = torch.randn(2, 1, m.config.image_size, m.config.image_size)
+    with torch.no_grad():
+        tokens = m.visual(img)
+        boxes, rmask = m.detector(img)
+        want = m.gk(tokens[:, 1:], m.visual.grid_size, boxes, rmask, book - book.mean(0))["logits"]
+    torch.testing.assert_close(m.zero_shot_classify(img), torch.softmax(want, -1)[..., 1])
 
 
 def test_greedy_generation_follows_the_argmax(tiny, batch):
