@@ -357,6 +357,63 @@ def test_sharding_disjoint_and_epoch_shuffle(tiny_ds):
     assert len(ev) == 12 and len(set(ev)) == 11
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_set_position_continues_an_epoch_without_reading_the_batches_before(tiny_ds, backend):
+    """set_position(epoch, k): the batches of a full pass from slot k on, identical (order and
+    augmentation), and only their samples are read; ``position`` after a batch is the slot to continue
+    from; the next epoch is whole."""
+    kw = dict(train=True, backend=backend, num_threads=0, seed=3, drop_last=False)
+    L = build_loader(tiny_ds, 3, 16, **kw)
+    L.set_epoch(2)
+    full = list(L)
+    assert len(full) == 4
+    L.set_epoch(2)
+    it = iter(L)
+    next(it)
+    assert L.position == (2, 1)
+
+    read = []
+
+    class Recording(list):
+        def __getitem__(self, i):
+            read.append(i)
+            return list.__getitem__(self, i)
+
+    M = build_loader(Recording(tiny_ds), 3, 16, **kw)
+    M.set_position(2, 2)
+    read.clear()
+    rest = list(M)
+    assert len(rest) == 2 and M.position == (2, 4)
+    want = [str(p) for b in full[2:] for p in b["path"]]
+    assert sorted({str(tiny_ds[i].path) for i in read}) == sorted(want)
+    for a, b in zip(full[2:], rest):
+        assert a["path"] == b["path"] and torch.equal(a["image"], b["image"])
+        assert torch.equal(a["region_boxes"], b["region_boxes"])
+    nxt = list(M)  # iterating advances to the next epoch, from its start
+    L.set_epoch(3)
+    assert [b["path"] for b in nxt] == [b["path"] for b in L]
+    M.set_position(5, 4)  # at the end: an empty pass
+    assert list(M) == []
+    with pytest.raises(ValueError, match=r"batch must be in \[0, 4\]"):
+        M.set_position(0, 5)
+
+
+def test_position_counts_batches_dropped_as_unreadable(tmp_path, cxr_dir):
+    """A batch whose files are all unreadable is not yielded but still takes its slot, so resuming at
+    ``position`` continues after the right batch."""
+    (tmp_path / "junk1.png").write_bytes(b"junk" * 40)
+    (tmp_path / "junk2.png").write_bytes(b"junk" * 40)
+    names = [cxr_dir / PNG1, tmp_path / "junk1.png", tmp_path / "junk2.png", cxr_dir / PNG2]
+    ds = [_sample(n, i) for i, n in enumerate(names)]
+    L = build_loader(ds, 1, 32, train=False, backend="pil", num_threads=0)
+    it = iter(L)
+    with pytest.warns(RuntimeWarning, match="skipping"):
+        first = next(it)
+        second = next(it)  # slots 1 and 2 are dropped
+    assert first["path"] == [str(cxr_dir / PNG1)] and second["path"] == [str(cxr_dir / PNG2)]
+    assert L.position == (0, 4)
+
+
 def test_bad_arguments(tiny_ds):
     with pytest.raises(ValueError, match="channels"):
         build_loader(tiny_ds, 2, 16, channels=2)

@@ -281,6 +281,22 @@ class _Common:
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (shuffling and augmentation seeds); iterating advances it by one."""
         self.epoch = int(epoch)
+        self._start = 0
+
+    def set_position(self, epoch: int, batch: int) -> None:
+        """The next ``iter()`` runs epoch ``epoch`` from its batch slot ``batch`` (0-based) on, without
+        reading the earlier batches; the order and the augmentation are those of a full pass (they depend
+        only on the seed, the epoch and the sample index). ``position`` after each yielded batch is the
+        ``(epoch, slot + 1)`` to pass here to continue after it."""
+        n = len(self)
+        if not 0 <= int(batch) <= n:
+            raise ValueError(f"batch must be in [0, {n}] (batches per epoch), got {batch}")
+        self.epoch = int(epoch)
+        self._start = int(batch)
+
+    def _take_start(self) -> int:
+        start, self._start = getattr(self, "_start", 0), 0
+        return start
 
     def _order(self, epoch: int) -> np.ndarray:
         n = len(self.dataset)
@@ -424,7 +440,8 @@ class PILLoader(_Common):
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         epoch = self.epoch
         self.epoch += 1
-        batches = self._batches(epoch)
+        start = self._take_start()
+        batches = self._batches(epoch)[start:]
         if self.num_threads > 0 and len(batches) > 1:
             dl = torch.utils.data.DataLoader(_BatchSet(self._state(), self.dataset, batches, epoch),
                                              batch_size=None, shuffle=False, num_workers=self.num_threads,
@@ -433,11 +450,12 @@ class PILLoader(_Common):
             it = iter(dl)
         else:
             it = (_pil_prepare(self._state(), self.dataset, b, epoch) for b in batches)
-        for recs, imgs, skipped in self._wrap(it, len(batches)):
+        for k, (recs, imgs, skipped) in enumerate(self._wrap(it, len(batches))):
             for p, r in skipped:
                 self._report_skip(p, r)
             if not recs:
                 continue
+            self.position = (epoch, start + k + 1)
             yield self._finish([self._record(s, p, wh) for s, p, wh in recs], imgs)
 
 
@@ -574,8 +592,9 @@ class DALILoader(_Common):
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         epoch = self.epoch
         self.epoch += 1
-        batches = self._batches(epoch)
-        for b in self._wrap(batches, len(batches)):
+        start = self._take_start()
+        batches = self._batches(epoch)[start:]
+        for k, b in enumerate(self._wrap(batches, len(batches))):
             items, skipped = self._host(b, epoch)
             for p, r in skipped:
                 self._report_skip(p, r)
@@ -586,6 +605,7 @@ class DALILoader(_Common):
                 self._report_skip(p, r)
             if not items:
                 continue
+            self.position = (epoch, start + k + 1)
             yield self._finish([self._record(s, p, wh) for s, p, wh, _ in items], imgs)
 
 

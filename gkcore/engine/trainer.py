@@ -18,8 +18,9 @@ Contract with the loader: an iterable of batch dicts with ``len()`` (batches per
 ``set_epoch(epoch)`` the trainer calls it before each epoch; for an exact resume the order of an epoch
 must depend only on the loader's seed and the epoch (not on the global RNG). On resume the trainer
 restores the data position: ``loader.set_position(epoch, batch)`` when the loader has it (the next
-``iter()`` starts at that batch of that epoch), else ``set_epoch(epoch)`` and skipping the batches of the
-epoch already consumed.
+``iter()`` starts at that batch slot of that epoch without reading the earlier ones; the slot is the
+loader's ``position`` after the last batch used, which also counts batches it dropped as unreadable),
+else ``set_epoch(epoch)`` and skipping the batches of the epoch already consumed.
 
 Schedule, with ``s`` the number of completed optimiser steps, ``W`` warm-up steps and ``T`` total steps::
 
@@ -356,6 +357,8 @@ class Trainer:
                 self.batch_in_epoch = self.steps_per_epoch
                 continue
             self.batch_in_epoch += 1
+            pos = getattr(self.loader, "position", None)  # batch slot: counts batches the loader dropped
+            self.data_slot = int(pos[1]) if pos is not None and int(pos[0]) == self.epoch else None
             return b
 
     # ---------------------------------------------------------------- checkpoints
@@ -370,6 +373,7 @@ class Trainer:
         return {
             "format": "gkcore-train-v1",
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "data_slot": getattr(self, "data_slot", None) if self.batch_in_epoch else 0,
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -401,7 +405,9 @@ class Trainer:
         # ``set_position(epoch, batch)`` jumps there without reading them)
         self.batch_in_epoch = 0
         if hasattr(self.loader, "set_position"):
-            self.loader.set_position(self.epoch, consumed)
+            slot = ck.get("data_slot")
+            self.data_slot = consumed if slot is None else int(slot)
+            self.loader.set_position(self.epoch, self.data_slot)
             self._iter = iter(self.loader)
             self.batch_in_epoch = consumed
         else:
