@@ -261,6 +261,8 @@ class _Common:
         self.augment = augment if augment is not None else Augment()
         self.progress = progress
         self.epoch = 0
+        self._start = 0  # batch slot the next iter() starts at (set_position)
+        self.position: Optional[Tuple[int, int]] = None  # (epoch, slot + 1) of the last yielded batch
         self.skipped: List[Tuple[str, str]] = []
         self._skipped_set = set()
         self.batches_seen = 0
@@ -295,7 +297,7 @@ class _Common:
         self._start = int(batch)
 
     def _take_start(self) -> int:
-        start, self._start = getattr(self, "_start", 0), 0
+        start, self._start = self._start, 0
         return start
 
     def _order(self, epoch: int) -> np.ndarray:

@@ -118,19 +118,16 @@ def run_demo(out: str = "gkcore-demo", *, n: int = DEFAULTS["n"], size: int = DE
     for tag, r in (("before", before), ("after", after)):
         if r["_examples"]:
             ex = r["_examples"][0]
-            heat = ex["saliency"] if ex.get("saliency") is not None else ex["heatmap"]
-            plot_grounding(ex["image"], heat, os.path.join(out, f"grounding_{tag}.png"),
+            plot_grounding(ex["image"], ex["saliency"], os.path.join(out, f"grounding_{tag}.png"),
                            true_boxes=ex["boxes"], region_box=ex["region_box"],
-                           title=f"{ex['entity']}: GK saliency ({tag} pre-training)" if ex.get("saliency") is not None
-                           else f"{ex['entity']} ({tag} pre-training)")
+                           title=f"{ex['entity']}: GK saliency ({tag} pre-training)")
     chance_auc = 0.5
     rows = [("zero-shot AUROC (macro)", before["zero_shot_auroc"], after["zero_shot_auroc"], chance_auc),
             ("zero-shot AUROC (CheXpert)", before["zero_shot_auroc_chexpert"], after["zero_shot_auroc_chexpert"],
              chance_auc),
-            *[(f"pointing game ({label})", before.get(k), after.get(k), after["pointing_chance"])
+            *[(f"pointing game ({label})", before[k], after[k], after["pointing_chance"])
               for k, label in (("pointing_game_saliency", "GK saliency"), ("pointing_game", "GK attention"),
-                               ("pointing_game_region", "region attn"), ("pointing_game_region_text", "region-text"))
-              if k in after],
+                               ("pointing_game_region", "region attn"), ("pointing_game_region_text", "region-text"))],
             ("grounding mAP (top region)", before["grounding_mAP"], after["grounding_mAP"], None),
             ("image->report R@1", before["i2t_R@1"], after["i2t_R@1"], 1.0 / max(after["n_retrieval"], 1)),
             ("image->report R@5", before["i2t_R@5"], after["i2t_R@5"], min(1.0, 5.0 / max(after["n_retrieval"], 1))),
@@ -144,8 +141,7 @@ def run_demo(out: str = "gkcore-demo", *, n: int = DEFAULTS["n"], size: int = DE
               f"time: data {t_data:.0f} s, training {t_train:.0f} s, total {time.perf_counter() - t0:.0f} s",
               f"outputs in {os.path.abspath(out)}"]
     log("\n".join(lines))
-    pg_key = "pointing_game_saliency" if "pointing_game_saliency" in after else "pointing_game"
-    improved = (after["zero_shot_auroc"] > chance_auc and after[pg_key] > after["pointing_chance"])
+    improved = (after["zero_shot_auroc"] > chance_auc and after["pointing_game_saliency"] > after["pointing_chance"])
     results = {
         "before": {k: v for k, v in before.items() if not k.startswith("_")},
         "after": {k: v for k, v in after.items() if not k.startswith("_")},

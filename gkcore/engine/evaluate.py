@@ -236,13 +236,19 @@ def fine_tune(model, train_loader, test_loader, fraction: float = 1.0, epochs: i
 
 
 # ------------------------------------------------------------------------------------------ localization
+def _cells(box, size: int = 64) -> Tuple[slice, slice]:
+    """(rows, cols) of the cells of a (size, size) grid that a normalised xyxy box touches."""
+    x0, y0, x1, y1 = box
+    return (slice(int(y0 * size), int(math.ceil(y1 * size))), slice(int(x0 * size), int(math.ceil(x1 * size))))
+
+
 def _paint_regions(scores: np.ndarray, boxes: np.ndarray, size: int = 64) -> np.ndarray:
-    """Region scores (R,) painted on a (size, size) map: each region adds score / area over its box."""
+    """Region scores (R,) painted on a (size, size) map: each region adds score / area over its cells."""
     h = np.zeros((size, size), np.float64)
-    for s, (x0, y0, x1, y1) in zip(scores, boxes):
-        c0, r0 = int(x0 * size), int(y0 * size)
-        c1, r1 = max(c0 + 1, int(math.ceil(x1 * size))), max(r0 + 1, int(math.ceil(y1 * size)))
-        h[r0:r1, c0:c1] += float(s) / ((r1 - r0) * (c1 - c0))
+    for s, bx in zip(scores, boxes):
+        cell = h[_cells(bx, size)]
+        if cell.size:
+            cell += float(s) / cell.size
     return h
 
 
@@ -287,7 +293,7 @@ def grounding(model, loader, max_batches: Optional[int] = None, keep_examples: i
                              region_mask=None if rm is None else rm[idx.to(rm.device)])
             pm = g["patch_map"].float().cpu().numpy()
             rs = g["region_scores"].float().cpu().numpy()
-            rts = g["region_text_scores"].float().cpu().numpy()
+            rts = g["region_text_scores"].float().cpu().numpy() if "region_text_scores" in g else None
             sal = g["patch_saliency"].float().cpu().numpy() if "patch_saliency" in g else None
             rbx = (rb[idx.to(rb.device)].float().cpu().numpy() if rb is not None else None)
             for j, (i, bx) in enumerate(items):
@@ -296,11 +302,12 @@ def grounding(model, loader, max_batches: Optional[int] = None, keep_examples: i
                     extra.setdefault("saliency", []).append(sal[j])
                 if rbx is not None:
                     extra.setdefault("region", []).append(_paint_regions(rs[j], rbx[j]))
-                    extra.setdefault("region_text", []).append(_paint_regions(rts[j], rbx[j]))
+                    if rts is not None:
+                        extra.setdefault("region_text", []).append(_paint_regions(rts[j], rbx[j]))
                 boxes.append(bx)
                 area = np.zeros((64, 64), bool)
-                for x0, y0, x1, y1 in bx:
-                    area[int(y0 * 64):int(math.ceil(y1 * 64)), int(x0 * 64):int(math.ceil(x1 * 64))] = True
+                for bb in bx:
+                    area[_cells(bb)] = True
                 chance.append(area.mean())
                 for bb in bx:
                     gts.setdefault(e, []).append((uid, bb))

@@ -277,6 +277,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
+        self.data_slot: Optional[int] = None  # the loader's batch slot after the last batch (its ``position``)
         self._stop = False
         self.stop_signal: Optional[int] = None  #: the signal number that asked for the stop, if any
         self._iter: Optional[Iterator] = None
@@ -373,7 +374,7 @@ class Trainer:
         return {
             "format": "gkcore-train-v1",
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "data_slot": getattr(self, "data_slot", None) if self.batch_in_epoch else 0,
+            "data_slot": self.data_slot if self.batch_in_epoch else 0,
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),

@@ -211,7 +211,7 @@ def _checked(cur: Any, value: Any, full: str) -> Any:
     if isinstance(cur, bool):
         if not isinstance(value, bool):
             raise ValueError(f"config override {full!r} must be true or false, got {value!r}")
-    elif isinstance(cur, (int, float)) and cur is not None:
+    elif isinstance(cur, (int, float)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"config override {full!r} must be a number, got {value!r}")
         if isinstance(cur, int) and not isinstance(value, int):

@@ -11,7 +11,6 @@ Shapes: B batch, L tokens, Dt text width, Nv = 1 + gh*gw image tokens, Dv vision
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -34,9 +33,9 @@ class ConvStem(nn.Module):
 
     def __init__(self, in_chans: int, width: int, patch_size: int):
         super().__init__()
-        n = int(round(math.log2(patch_size))) if patch_size > 0 else 0
-        if patch_size < 2 or 2 ** n != patch_size:
+        if patch_size < 2 or patch_size & (patch_size - 1):
             raise ValueError(f"the conv stem needs a power-of-two patch_size >= 2, got {patch_size}")
+        n = patch_size.bit_length() - 1
         layers, c = [], in_chans
         for k in range(1, n + 1):
             out = max(8, width >> (n - k))

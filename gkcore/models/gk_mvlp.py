@@ -413,7 +413,7 @@ class GKMVLP(nn.Module):
         loss_ecls = GF.entity_contrastive_loss(img_feat, emb.to(img_feat.dtype), labels, 1.0 / self.ecls_temp,
                                                backend=be)
         boxes, rmask = self.detector(images, batch["region_boxes"].to(dev, dt), batch["region_mask"].to(dev))
-        gk = self.gk(img_tokens[:, 1:], self.visual.grid_size, boxes, rmask, feats, prompt_center=self._query_center(feats))
+        gk = self._run_gk(img_tokens[:, 1:], boxes, rmask, feats, book=feats)
         known = labels >= 0  # mean over the mentioned (sample, entity) pairs; 0 when there is none (no sync)
         ce = F.cross_entropy(_acc(gk["logits"]).flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none")
         loss_gk = ((ce * known.flatten()).sum() / known.sum().clamp(min=1)).to(dt)
@@ -477,6 +477,12 @@ class GKMVLP(nn.Module):
             book, _ = self.knowledge_book()
         return book.mean(0)
 
+    def _run_gk(self, patches, boxes, rmask, queries, book=None, with_regions=True):
+        """The GK module on patch tokens with the prompt features ``queries`` (rows of the knowledge book
+        or other prompts), centred on the book's mean when ``gk.center_queries``."""
+        return self.gk(patches, self.visual.grid_size, boxes, rmask, queries, with_regions=with_regions,
+                       prompt_center=self._query_center(book))
+
     def _query_feats(self, entities: Optional[Sequence[str]]):
         feats, _ = self.knowledge_book()
         if entities is None:
@@ -496,15 +502,20 @@ class GKMVLP(nn.Module):
                 out[i] = f[j]
         return torch.stack(out)
 
-    def _gk_infer(self, images, entities, region_boxes, region_mask):
+    def _gk_infer(self, images, entities, region_boxes, region_mask, patch_grad: bool = False):
+        """Image tokens, boxes, region mask and the GK output for ``entities``. ``patch_grad``: the GK
+        module runs with autograd on (a copy of) the patch tokens, returned as ``out["patches"]``."""
         images = self._images(images)
         tokens = self.visual(images)
         if region_boxes is not None:
             region_boxes = region_boxes.to(images.device, images.dtype)
         boxes, rmask = self.detector(images, region_boxes, None if region_mask is None else region_mask.to(images.device))
         q = self._query_feats(entities)
-        return tokens, boxes, rmask, self.gk(tokens[:, 1:], self.visual.grid_size, boxes, rmask, q, with_regions=False,
-                                             prompt_center=self._query_center())
+        with torch.set_grad_enabled(patch_grad):
+            patches = tokens[:, 1:].detach().requires_grad_(patch_grad)
+            out = self._run_gk(patches, boxes, rmask, q, with_regions=False)
+        out["patches"] = patches
+        return tokens, boxes, rmask, out
 
     @_inference
     def zero_shot_classify(self, images: torch.Tensor, entities: Optional[Sequence[str]] = None,
@@ -532,7 +543,7 @@ class GKMVLP(nn.Module):
         method)."""
         if not isinstance(entity, str):
             raise ValueError(f"entity must be a string, got {type(entity).__name__}")
-        tokens, boxes, rmask, out = self._gk_infer(images, [entity], region_boxes, region_mask)
+        tokens, boxes, rmask, out = self._gk_infer(images, [entity], region_boxes, region_mask, patch_grad=True)
         gh, gw = self.visual.grid_size
         B = tokens.shape[0]
         ra = out["region_attn"]
@@ -550,10 +561,8 @@ class GKMVLP(nn.Module):
             pm = torch.softmax(torch.einsum("bd,bnd->bn", z, p) / 0.1, dim=-1)
         # gradient saliency of the entity's decision on the patch tokens (through the GK module only)
         with torch.enable_grad():
-            p = tokens[:, 1:].detach().requires_grad_(True)
-            lo = self.gk(p, (gh, gw), boxes, rmask, self._query_feats([entity]), with_regions=False,
-                         prompt_center=self._query_center())["logits"][:, 0]
-            (g,) = torch.autograd.grad((lo[:, 1] - lo[:, 0]).float().sum(), p)
+            lo = out["logits"][:, 0]
+            (g,) = torch.autograd.grad((lo[:, 1] - lo[:, 0]).float().sum(), out["patches"])
         sal = g.float().norm(dim=-1)
         sal = sal / sal.sum(-1, keepdim=True).clamp(min=1e-12)
         # region-aware prompts in the ITC embedding space
@@ -611,7 +620,7 @@ class GKMVLP(nn.Module):
         boxes, rmask = self.detector(images, None if region_boxes is None else region_boxes.to(images.device, images.dtype),
                                      None if region_mask is None else region_mask.to(images.device))
         feats, _ = self.knowledge_book()
-        gk = self.gk(tokens[:, 1:], self.visual.grid_size, boxes, rmask, feats, prompt_center=self._query_center(feats))
+        gk = self._run_gk(tokens[:, 1:], boxes, rmask, feats, book=feats)
         enc, enc_mask = self._decoder_memory(tokens, gk, rmask)
         B, K, dev = images.shape[0], num_beams, images.device
         sep = self.tokenizer.sep_token_id
