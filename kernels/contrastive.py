@@ -115,13 +115,13 @@ def _zero_rows(out_ptr, offs_o, mask_o, D, BLOCK_O: tl.constexpr, BLOCK_DK: tl.c
 
 @triton.jit
 def _info_nce_fwd_kernel(q_ptr, k_ptr, qm_ptr, idx_ptr, mask_ptr, scale_ptr,
-                         lse_p, pos_p, cnt_p, ssum_p, lsem_p, soft_p,
+                         lz_p, mx_p, pos_p, cnt_p, ssum_p, lsem_p, soft_p,
                          M, N, D, N_PER_SPLIT,
                          SOFT: tl.constexpr, POS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr, DOT_PREC: tl.constexpr,
                          UPCAST: tl.constexpr):
-    """Per-split partials, each (n_splits, M) fp32, row ``program_id(1)``: log-sum-exp, hard-target logit
-    sum, positive count (mask mode), logit sum, and with SOFT the soft log-sum-exp and the soft-target
+    """Per-split partials, each (n_splits, M) fp32, row ``program_id(1)``: log-sum-exp as log z and the
+    max m (apart, so that the host can form m - target before adding log z), hard-target logit sum, positive count (mask mode), logit sum, and with SOFT the soft log-sum-exp and the soft-target
     weighted mean logit of the split."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -174,7 +174,8 @@ def _info_nce_fwd_kernel(q_ptr, k_ptr, qm_ptr, idx_ptr, mask_ptr, scale_ptr,
             w = w * corr + tl.sum(e * s0, 1)
             mm = mm_new
     out = pid_s.to(tl.int64) * M + offs_m
-    tl.store(lse_p + out, m + tl.log(z), mask=mask_m)
+    tl.store(lz_p + out, tl.log(z), mask=mask_m)
+    tl.store(mx_p + out, m, mask=mask_m)
     tl.store(pos_p + out, pos, mask=mask_m)
     tl.store(ssum_p + out, ssum, mask=mask_m)
     if POS_MASK:
@@ -408,18 +409,22 @@ def info_nce_forward(query: torch.Tensor, keys: torch.Tensor, soft_query: Option
         return
     dev = query.device
     n, per = _split(M, N, dev)
-    parts = [torch.empty((n, M), dtype=torch.float32, device=dev) for _ in range(6)]
-    lse_p, pos_p, cnt_p, ssum_p, lsem_p, soft_p = parts
+    parts = [torch.empty((n, M), dtype=torch.float32, device=dev) for _ in range(7)]
+    lz_p, mx_p, pos_p, cnt_p, ssum_p, lsem_p, soft_p = parts
     soft = soft_query is not None
     pm = mask is not None
     mask_u8 = mask.view(torch.uint8) if pm else query
     sc = scale.reshape(1).to(torch.float32)
     args = (query, keys, soft_query if soft else query, idx if not pm else query, mask_u8, sc,
-            lse_p, pos_p, cnt_p, ssum_p, lsem_p, soft_p, M, N, D, per)
+            lz_p, mx_p, pos_p, cnt_p, ssum_p, lsem_p, soft_p, M, N, D, per)
     _launch(_info_nce_fwd_kernel, "fwd", lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n), args, D, query.dtype,
             SOFT=soft, POS_MASK=pm)
     c_y, c_s, c_e = _coefs(N, alpha, eps)
-    lse_all = torch.logsumexp(lse_p, 0) if n > 1 else lse_p[0]
+    # lse = mx + lz with mx the row max over all splits: the loss is lz + (mx - target), so that an easy
+    # row's small loss is not the difference of two numbers the size of the scale
+    mx = mx_p.amax(0)
+    lz = torch.logsumexp(lz_p + (mx_p - mx), 0) if n > 1 else lz_p[0]
+    lse_all = mx + lz
     pos = pos_p.sum(0)
     if pm:
         cnt = cnt_p.sum(0)
@@ -433,7 +438,7 @@ def info_nce_forward(query: torch.Tensor, keys: torch.Tensor, soft_query: Option
         tsum = tsum + c_s * (torch.exp(lsem_p - lsem_all) * soft_p).sum(0)
         lse_m.copy_(lsem_all)
     lse.copy_(lse_all)
-    loss.copy_(torch.where(valid, lse_all - tsum, torch.zeros_like(tsum)))
+    loss.copy_(torch.where(valid, lz + (mx - tsum), torch.zeros_like(tsum)))
 
 
 def _inv_count(mask: torch.Tensor) -> torch.Tensor:
@@ -501,7 +506,7 @@ def _aot_specs():
                 tag = f"{dt}_soft{int(soft)}_mask{int(pm)}"
                 for kind, kernel, extra in (
                         ("fwd", _info_nce_fwd_kernel,
-                         dict(scale_ptr="*fp32", lse_p="*fp32", pos_p="*fp32", cnt_p="*fp32", ssum_p="*fp32",
+                         dict(scale_ptr="*fp32", lz_p="*fp32", mx_p="*fp32", pos_p="*fp32", cnt_p="*fp32", ssum_p="*fp32",
                               lsem_p="*fp32", soft_p="*fp32", M="i32", N="i32", D="i32", N_PER_SPLIT="i32")),
                         ("rows", _info_nce_bwd_rows_kernel,
                          dict(invcnt_ptr="*fp32", scale_ptr="*fp32", lse_ptr="*fp32", lsem_ptr="*fp32",

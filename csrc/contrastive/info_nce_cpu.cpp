@@ -222,13 +222,6 @@ GK_INLINE void scale_rows(T* X, int mb, int D, const T* f) {
   }
 }
 
-template <typename T>
-GK_INLINE T dot(const T* a, const T* b, int D) {
-  T s = 0;
-  for (int d = 0; d < D; ++d) s += a[d] * b[d];
-  return s;
-}
-
 // ------------------------------------------------------------------------------------------ forward
 template <typename T, bool V>
 GK_INLINE void fwd_block(const Ctx<T>& c, long long r0, Scratch<T>& w, T* loss, T* lse, T* lse_m, T* A,
@@ -259,7 +252,14 @@ GK_INLINE void fwd_block(const Ctx<T>& c, long long r0, Scratch<T>& w, T* loss, 
       for (int j = 0; j < nb; ++j)
         for (int i = 0; i < BM; ++i) w.ssum[i] += ST[j * BM + i];
     }
-    if (c.mask) {
+    if (!c.mask) {
+      // the positive's logit is read from the same tile as the max and the sum (not recomputed by a
+      // separate dot product), so that m - pos is exactly 0 when the positive is the largest logit
+      for (int i = 0; i < mb; ++i) {
+        const long long j = c.idx[r0 + i];
+        if (j >= j0 && j < j0 + nb) w.msum[i] = ST[(j - j0) * BM + i];
+      }
+    } else {
       for (int i = 0; i < mb; ++i) {
         const uint8_t* mr = c.mask + (r0 + i) * N + j0;
         for (int j = 0; j < nb; ++j) {
@@ -295,7 +295,6 @@ GK_INLINE void fwd_block(const Ctx<T>& c, long long r0, Scratch<T>& w, T* loss, 
   const T cy = (1 - eps) * (1 - alpha), cs = (1 - eps) * alpha, ce = eps / T(N);
   for (int i = 0; i < mb; ++i) {
     const long long row = r0 + i;
-    const T* qi = c.q + row * D;
     const T l = w.m[i] + std::log(w.z[i]);
     lse[row] = l;
     bool valid;
@@ -309,7 +308,7 @@ GK_INLINE void fwd_block(const Ctx<T>& c, long long r0, Scratch<T>& w, T* loss, 
       valid = j >= 0;
       if (valid) {
         ky = c.k + j * D;
-        pos = c.scale * dot(qi, ky, D);
+        pos = w.msum[i];
       }
     }
     T soft = 0, lm = 0;
@@ -319,7 +318,9 @@ GK_INLINE void fwd_block(const Ctx<T>& c, long long r0, Scratch<T>& w, T* loss, 
       soft = w.W[i] / w.zm[i];
     }
     const T tsum = cy * pos + cs * soft + eps * (w.ssum[i] / T(N));
-    loss[row] = valid ? l - tsum : T(0);
+    // log z + (m - tsum), not lse - tsum: lse is rounded at the size of the largest logit (about the
+    // scale), while the loss of an easy row is far smaller; the difference is formed before rounding
+    loss[row] = valid ? std::log(w.z[i]) + (w.m[i] - tsum) : T(0);
     if (fused) {
       T* Ar = A + row * D;
       const T* ap = w.Ablk.data() + (size_t)i * D;
