@@ -76,12 +76,13 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, offs_t, mask_t, offs_v, mask_v, D, softcap
 
 
 @triton.jit
-def _linear_cross_entropy_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, zy_ptr, zsum_ptr, T, V, D,
+def _linear_cross_entropy_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lz_ptr, zy_ptr, zsum_ptr, mx_ptr, T, V, D,
                                      V_PER_SPLIT, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
                                      BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                                      DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Partial (per vocabulary split) LSE, target logit and logit sum of BLOCK_T tokens; outputs are
-    (n_splits, T) fp32, row ``program_id(1)``."""
+    """Partial (per vocabulary split) LSE as log s and the max m (apart: the host forms m - target before
+    adding log s), target logit and logit sum of BLOCK_T tokens; outputs are (n_splits, T) fp32, row
+    ``program_id(1)``."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -105,7 +106,8 @@ def _linear_cross_entropy_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, zy_ptr
         zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), 1)
         zsum += tl.sum(tl.where(mask_v[None, :], z, 0.0), 1)
     out = pid_s.to(tl.int64) * T + offs_t
-    tl.store(lse_ptr + out, m + tl.log(s), mask=mask_t)
+    tl.store(lz_ptr + out, tl.log(s), mask=mask_t)
+    tl.store(mx_ptr + out, m, mask=mask_t)
     tl.store(zy_ptr + out, zy, mask=mask_t)
     tl.store(zsum_ptr + out, zsum, mask=mask_t)
 
@@ -250,20 +252,21 @@ def _n_splits(T: int, V: int, block_t: int, block_v: int, device: torch.device) 
 
 
 def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
-                                 lse_part: torch.Tensor, zy_part: torch.Tensor, zsum_part: torch.Tensor,
-                                 softcap: float, v_per_split: int) -> None:
+                                 lz_part: torch.Tensor, zy_part: torch.Tensor, zsum_part: torch.Tensor,
+                                 mx_part: torch.Tensor, softcap: float, v_per_split: int) -> None:
     """hidden (T, D), weight (V, D), bias (V,) or None: contiguous, one dtype; targets (T,) int64;
-    lse_part, zy_part, zsum_part (n_splits, T) fp32 preallocated, every element written."""
+    lz_part (log of the split's sum of exp(z - max)), zy_part, zsum_part, mx_part (the split's max logit):
+    (n_splits, T) fp32 preallocated, every element written."""
     T, D = hidden.shape
     V = weight.shape[0]
     BT, BV, BD, nw, ns = _config("fwd", D, hidden.dtype)
     assert v_per_split % BV == 0
-    n_splits = lse_part.shape[0]
+    n_splits = lz_part.shape[0]
     if T == 0:
         return
     grid = (triton.cdiv(T, BT), n_splits)
     _linear_cross_entropy_fwd_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, targets, lse_part, zy_part, zsum_part, T, V, D,
+        hidden, weight, bias if bias is not None else hidden, targets, lz_part, zy_part, zsum_part, mx_part, T, V, D,
         v_per_split, float(softcap or 1.0), HAS_BIAS=bias is not None, SOFTCAP=bool(softcap),
         BLOCK_T=BT, BLOCK_V=BV, BLOCK_D=BD, DOT_PREC=_prec(hidden.dtype), UPCAST=_upcast(hidden.dtype),
         num_warps=nw, num_stages=ns)
@@ -320,14 +323,14 @@ def aot_spec(kernel: str, dt: str, softcap: bool, config=None):
     BT, BV, BD, nw, ns = config or CONFIGS[kernel][dt]
     const = {"HAS_BIAS": True, "SOFTCAP": softcap, "BLOCK_T": BT, "BLOCK_V": BV, "BLOCK_D": BD,
              "DOT_PREC": "ieee" if dt == "fp32" else "tf32", "UPCAST": False}
-    sig = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": "*i64", "lse_ptr": "*fp32"}
+    sig = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": "*i64"}
     if kernel == "fwd":
-        sig.update(zy_ptr="*fp32", zsum_ptr="*fp32", T="i32", V="i32", D="i32", V_PER_SPLIT="i32", softcap="fp32")
+        sig.update(lz_ptr="*fp32", zy_ptr="*fp32", zsum_ptr="*fp32", mx_ptr="*fp32", T="i32", V="i32", D="i32", V_PER_SPLIT="i32", softcap="fp32")
     elif kernel == "bwd":
-        sig.update(g_ptr="*fp32", dh_ptr="*fp32", T="i32", V="i32", D="i32", softcap="fp32", inv_v="fp32",
+        sig.update(lse_ptr="*fp32", g_ptr="*fp32", dh_ptr="*fp32", T="i32", V="i32", D="i32", softcap="fp32", inv_v="fp32",
                    one_minus_eps="fp32")
     else:
-        sig.update(g_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32", T="i32", V="i32", D="i32", softcap="fp32",
+        sig.update(lse_ptr="*fp32", g_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32", T="i32", V="i32", D="i32", softcap="fp32",
                    inv_v="fp32", one_minus_eps="fp32")
     sig.update({k: "constexpr" for k in const})
     return dict(name=f"lce_{kernel}_{dt}_softcap{int(softcap)}", kernel=_KERNELS[kernel], signature=sig,
