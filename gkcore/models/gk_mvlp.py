@@ -392,9 +392,11 @@ class GKMVLP(nn.Module):
         if has_neg:
             with torch.no_grad():
                 neg_t, neg_i = self.sample_negatives(img_feat.detach(), txt_feat.detach(), study)
-            txt_all = torch.cat([txt_hidden, txt_hidden, txt_hidden[neg_t]], 0)
+            # index_select, not x[idx]: the backward of advanced indexing on the CPU adds repeated rows with
+            # parallel atomic adds (run-to-run rounding differences); index_select's backward is ordered
+            txt_all = torch.cat([txt_hidden, txt_hidden, txt_hidden.index_select(0, neg_t)], 0)
             att_all = torch.cat([att, att, att[neg_t]], 0)
-            img_all = torch.cat([img_tokens, img_tokens[neg_i], img_tokens], 0)
+            img_all = torch.cat([img_tokens, img_tokens.index_select(0, neg_i), img_tokens], 0)
             fused = self.fusion_encoder(txt_all, att_all, img_all)
             itm_logits = self.itm_head(fused[:, 0])
             itm_labels = torch.cat([torch.ones(B, dtype=torch.long, device=dev),
