@@ -121,7 +121,8 @@ def _info_nce_fwd_kernel(q_ptr, k_ptr, qm_ptr, idx_ptr, mask_ptr, scale_ptr,
                          BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr, DOT_PREC: tl.constexpr,
                          UPCAST: tl.constexpr):
     """Per-split partials, each (n_splits, M) fp32, row ``program_id(1)``: log-sum-exp as log z and the
-    max m (apart, so that the host can form m - target before adding log z), hard-target logit sum, positive count (mask mode), logit sum, and with SOFT the soft log-sum-exp and the soft-target
+    max m (apart, so that the host can form m - target before adding log z), hard-target logit sum,
+    positive count (mask mode), logit sum, and with SOFT the soft log-sum-exp and the soft-target
     weighted mean logit of the split."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -506,8 +507,9 @@ def _aot_specs():
                 tag = f"{dt}_soft{int(soft)}_mask{int(pm)}"
                 for kind, kernel, extra in (
                         ("fwd", _info_nce_fwd_kernel,
-                         dict(scale_ptr="*fp32", lz_p="*fp32", mx_p="*fp32", pos_p="*fp32", cnt_p="*fp32", ssum_p="*fp32",
-                              lsem_p="*fp32", soft_p="*fp32", M="i32", N="i32", D="i32", N_PER_SPLIT="i32")),
+                         dict(scale_ptr="*fp32", lz_p="*fp32", mx_p="*fp32", pos_p="*fp32", cnt_p="*fp32",
+                              ssum_p="*fp32", lsem_p="*fp32", soft_p="*fp32", M="i32", N="i32", D="i32",
+                              N_PER_SPLIT="i32")),
                         ("rows", _info_nce_bwd_rows_kernel,
                          dict(invcnt_ptr="*fp32", scale_ptr="*fp32", lse_ptr="*fp32", lsem_ptr="*fp32",
                               a_ptr="*fp32", M="i32", N="i32", D="i32", N_PER_SPLIT="i32", c_y="fp32",

@@ -325,13 +325,14 @@ def aot_spec(kernel: str, dt: str, softcap: bool, config=None):
              "DOT_PREC": "ieee" if dt == "fp32" else "tf32", "UPCAST": False}
     sig = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": "*i64"}
     if kernel == "fwd":
-        sig.update(lz_ptr="*fp32", zy_ptr="*fp32", zsum_ptr="*fp32", mx_ptr="*fp32", T="i32", V="i32", D="i32", V_PER_SPLIT="i32", softcap="fp32")
+        sig.update(lz_ptr="*fp32", zy_ptr="*fp32", zsum_ptr="*fp32", mx_ptr="*fp32", T="i32", V="i32", D="i32",
+                   V_PER_SPLIT="i32", softcap="fp32")
     elif kernel == "bwd":
-        sig.update(lse_ptr="*fp32", g_ptr="*fp32", dh_ptr="*fp32", T="i32", V="i32", D="i32", softcap="fp32", inv_v="fp32",
-                   one_minus_eps="fp32")
-    else:
-        sig.update(lse_ptr="*fp32", g_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32", T="i32", V="i32", D="i32", softcap="fp32",
+        sig.update(lse_ptr="*fp32", g_ptr="*fp32", dh_ptr="*fp32", T="i32", V="i32", D="i32", softcap="fp32",
                    inv_v="fp32", one_minus_eps="fp32")
+    else:
+        sig.update(lse_ptr="*fp32", g_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32", T="i32", V="i32", D="i32",
+                   softcap="fp32", inv_v="fp32", one_minus_eps="fp32")
     sig.update({k: "constexpr" for k in const})
     return dict(name=f"lce_{kernel}_{dt}_softcap{int(softcap)}", kernel=_KERNELS[kernel], signature=sig,
                 constexprs=const, num_warps=nw, num_stages=ns)
