@@ -1,4 +1,5 @@
-"""Two training runs of the demo model with the same seed end bit-identical.
+"""Two training runs of the demo model with the same seed end bit-identical; the ITM gather that made
+them drift.
 
 Each run is its own process, as two `gkcore demo` runs are. Tensors are full size here: gk_mvlp_tiny at
 the demo's settings with the real MiniLM text tower. The shrunken model of test_engine_eval is too small
@@ -61,3 +62,22 @@ def test_two_training_runs_are_bit_identical(synth_root, tmp_path):
     b = _run(synth_root, str(tmp_path / "b"))
     assert a == b, "two runs with the same seed ended with different weights"
 
+
+
+def test_take_rows_matches_indexing_with_repeats():
+    """The ITM gather: same rows and the same gradient as x[idx] (repeats summed), float64."""
+    import torch
+
+    from gkcore.models.gk_mvlp import _take_rows
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    idx = torch.tensor([2, 0, 2, 5, 2, 1])
+    w = torch.randn(6, 5, 3, dtype=torch.float64, generator=g)
+    (_take_rows(x, idx) * w).sum().backward()
+    ga = x.grad.clone()
+    x.grad = None
+    (x[idx] * w).sum().backward()
+    assert torch.equal(_take_rows(x, idx), x[idx])
+    torch.testing.assert_close(ga, x.grad, rtol=0, atol=1e-12)
+    assert torch.equal(ga[3], torch.zeros(5, 3, dtype=torch.float64)) and ga[2].abs().sum() > 0

@@ -103,6 +103,14 @@ def _acc(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[idx]`` (rows, repeats allowed) with a backward that sums repeated rows in a fixed order on every
+    device. On the CPU, the backward of ``x[idx]`` adds with parallel atomic adds, so two runs can differ
+    in the last bits; ``index_select``'s is ordered there. On CUDA it is the reverse: the backward of
+    ``index_select`` uses atomic adds and that of ``x[idx]`` sorts (PyTorch's reproducibility notes)."""
+    return x.index_select(0, idx) if x.device.type == "cpu" else x[idx]
+
+
 class GKMVLP(nn.Module):
     """The full model; see the module docstring. Build with :func:`gkcore.create_model`."""
 
@@ -392,11 +400,9 @@ class GKMVLP(nn.Module):
         if has_neg:
             with torch.no_grad():
                 neg_t, neg_i = self.sample_negatives(img_feat.detach(), txt_feat.detach(), study)
-            # index_select, not x[idx]: the backward of advanced indexing on the CPU adds repeated rows with
-            # parallel atomic adds (run-to-run rounding differences); index_select's backward is ordered
-            txt_all = torch.cat([txt_hidden, txt_hidden, txt_hidden.index_select(0, neg_t)], 0)
+            txt_all = torch.cat([txt_hidden, txt_hidden, _take_rows(txt_hidden, neg_t)], 0)
             att_all = torch.cat([att, att, att[neg_t]], 0)
-            img_all = torch.cat([img_tokens, img_tokens.index_select(0, neg_i), img_tokens], 0)
+            img_all = torch.cat([img_tokens, _take_rows(img_tokens, neg_i), img_tokens], 0)
             fused = self.fusion_encoder(txt_all, att_all, img_all)
             itm_logits = self.itm_head(fused[:, 0])
             itm_labels = torch.cat([torch.ones(B, dtype=torch.long, device=dev),
