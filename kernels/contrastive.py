@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import merge_lse_splits
+
 
 @triton.jit
 def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -421,10 +423,7 @@ def info_nce_forward(query: torch.Tensor, keys: torch.Tensor, soft_query: Option
     _launch(_info_nce_fwd_kernel, "fwd", lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n), args, D, query.dtype,
             SOFT=soft, POS_MASK=pm)
     c_y, c_s, c_e = _coefs(N, alpha, eps)
-    # lse = mx + lz with mx the row max over all splits: the loss is lz + (mx - target), so that an easy
-    # row's small loss is not the difference of two numbers the size of the scale
-    mx = mx_p.amax(0)
-    lz = torch.logsumexp(lz_p + (mx_p - mx), 0) if n > 1 else lz_p[0]
+    mx, lz = merge_lse_splits(lz_p, mx_p)  # the loss is lz + (mx - target)
     lse_all = mx + lz
     pos = pos_p.sum(0)
     if pm:

@@ -389,8 +389,7 @@ def test_ground_saliency_is_the_norm_of_the_gk_decision_gradient(tiny, batch):
         d = torch.eye(N * D).view(N * D, N, D) * eps
         p = torch.cat([tokens + d, tokens - d])  # (2 N D, N, D)
         M = p.shape[0]
-        lo = tiny.gk(p, (gh, gw), boxes.expand(M, -1, -1), rmask.expand(M, -1), q, with_regions=False,
-                     prompt_center=tiny._query_center())["logits"][:, 0]
+        lo = tiny._run_gk(p, boxes.expand(M, -1, -1), rmask.expand(M, -1), q, with_regions=False)["logits"][:, 0]
         f = (lo[:, 1] - lo[:, 0]).double()
         grad = ((f[:N * D] - f[N * D:]) / (2 * eps)).view(N, D)
     want = grad.norm(dim=-1)
@@ -461,8 +460,7 @@ def test_beam_search_scores(tiny, batch):
     # teacher forcing: re-score the sequences with the decoder
     tokens = tiny.visual(img)
     boxes, rmask = tiny.detector(img)
-    gk = tiny.gk(tokens[:, 1:], tiny.visual.grid_size, boxes, rmask, tiny.knowledge_book()[0],
-                 prompt_center=tiny._query_center())
+    gk = tiny._run_gk(tokens[:, 1:], boxes, rmask, tiny.knowledge_book()[0])
     enc, enc_mask = tiny._decoder_memory(tokens, gk, rmask)
     sep = tiny.tokenizer.sep_token_id
     for ids, sc in ((ids_g, sc_g), (ids_b, sc_b)):
@@ -590,3 +588,16 @@ def test_tiny_learns_a_fixed_batch():
     assert all(math.isfinite(v) for r in losses for v in r.values())
     assert last["loss"] < 0.9 * first["loss"], losses
     assert last["loss_lm"] < 0.85 * first["loss_lm"], losses
+
+
+def test_config_saved_before_newer_fields_loads():
+    """A saved config without fields added later: they take their defaults (vision.stem "patch",
+    gk.center_queries off), except text.pooling, whose old behaviour was CLS pooling."""
+    from gkcore.models.config import config_from_dict, config_to_dict
+
+    d = config_to_dict(get_config("gk_mvlp_tiny"))
+    assert d["text"]["pooling"] != "cls"  # else this test would not tell the legacy value from the default
+    for part, key in (("vision", "stem"), ("gk", "center_queries"), ("text", "pooling")):
+        del d[part][key]
+    c = config_from_dict(d)
+    assert (c.vision.stem, c.gk.center_queries, c.text.pooling) == ("patch", False, "cls")

@@ -238,10 +238,8 @@ def config_to_dict(cfg: GKMVLPConfig) -> Dict[str, Any]:
 
 def config_from_dict(d: Dict[str, Any]) -> GKMVLPConfig:
     d = dict(d)
-    if isinstance(d.get("vision"), dict) and "stem" not in d["vision"]:
-        d["vision"] = {**d["vision"], "stem": "patch"}  # saved before ``vision.stem`` existed
-    if isinstance(d.get("gk"), dict) and "center_queries" not in d["gk"]:
-        d["gk"] = {**d["gk"], "center_queries": False}  # saved before ``gk.center_queries`` existed
+    # a field missing from an older saved config takes its dataclass default; only a field whose default
+    # differs from the old behaviour needs its old value here
     if isinstance(d.get("text"), dict) and "pooling" not in d["text"]:
         d["text"] = {**d["text"], "pooling": "cls"}  # saved before ``text.pooling`` existed: CLS features
     parts = {"vision": VisionConfig, "text": TextConfig, "gk": GKConfig, "loss": LossConfig}

@@ -126,16 +126,14 @@ def _lce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                                     lse[t0:].data_ptr(), n, V, ignore_index, float(label_smoothing), float(softcap))
         return loss, lse
     if impl == "triton":
+        from gkcore.kernels import merge_lse_splits
         from gkcore.kernels.linear_cross_entropy import forward_splits, linear_cross_entropy_forward
 
         n, per = forward_splits(T, V, D, hidden.dtype, hidden.device)
         parts = [new_output((n, T), dtype=torch.float32, device=hidden.device) for _ in range(4)]
         linear_cross_entropy_forward(hidden, weight, bias, targets, *parts, softcap=softcap, v_per_split=per)
         lz_p, zy_p, zs_p, mx_p = parts
-        # lse = mx + lz; the loss adds lz to (mx - target), so that a confident token's small loss is not
-        # the difference of two numbers the size of the largest logit
-        mx = mx_p.amax(0)
-        lz = torch.logsumexp(lz_p + (mx_p - mx), 0) if n > 1 else lz_p[0]
+        mx, lz = merge_lse_splits(lz_p, mx_p)  # the loss is lz + (mx - target)
         lse = mx + lz
         zy, zsum = zy_p.sum(0), zs_p.sum(0)
         eps = float(label_smoothing)
