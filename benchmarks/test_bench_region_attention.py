@@ -51,7 +51,7 @@ def make_inputs(B):
 
 def _pooled_kv(inp):
     """[region_pool(k); k] and [region_pool(v); v], (B, H, R + N, d), pooled by gkcore.region_pool."""
-    q, k, v, boxes = inp["q"], inp["k"], inp["v"], inp["boxes"]
+    k, v, boxes = inp["k"], inp["v"], inp["boxes"]
     B = k.shape[0]
     kv = torch.cat([k, v], -1).permute(0, 2, 1, 3).reshape(B, N, H * 2 * HD)
     pooled = region_pool(kv, boxes, (GH, GW)).view(B, R, H, 2 * HD).transpose(1, 2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gkcore import _ext
-from gkcore.ops.registry import BACKEND_ORDER, Backend, BackendError, Op, all_ops, get_op
+from gkcore.ops.registry import BACKEND_ORDER, Backend, BackendError, Op, all_ops
 
 
 def _op():

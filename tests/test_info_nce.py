@@ -373,7 +373,7 @@ def test_cpu_memory_is_linear_not_quadratic():
     """ITC with a queue at M=2048, N=18432, D=256, soft targets, forward + backward: the cpu backend's peak
     extra memory (peak RSS growth) stays under 5 % of the (M, N) fp32 logits bytes that the reference
     materialises (several times over). The probe checks that the measurement does see a logits matrix."""
-    M, N, D = 2048, 18432, 256
+    M, N = 2048, 18432
     logits_bytes = M * N * 4
     probe, extra_cpu, loss, gsum = _peak_extra()
     assert probe > 0.9 * logits_bytes, (probe, logits_bytes)

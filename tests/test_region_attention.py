@@ -50,7 +50,7 @@ def naive(q, k, v, boxes, grid, mask=None, attend_patches=False, output_size=1, 
         q = q.expand(B, -1, -1, -1)
     W = pooling_matrix(boxes.double(), grid[0], grid[1], output_size, sampling_ratio, True).mean(2)  # (B, R, N)
     scale = scale or 1 / math.sqrt(d)
-    outs, ws = torch.zeros(B, H, q.shape[2], d, dtype=torch.float64), []
+    outs = torch.zeros(B, H, q.shape[2], d, dtype=torch.float64)
     R = boxes.shape[1]
     weights = torch.zeros(B, H, q.shape[2], R + (N if attend_patches else 0), dtype=torch.float64)
     for b in range(B):

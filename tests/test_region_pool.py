@@ -11,7 +11,7 @@ from conftest import HAS_CUDA, triton_devices
 from strategies import SEEDS
 from gkcore.functional import region_pool
 from gkcore.ops.region_pool import OP
-from gkcore.reference.region_pool import pooling_matrix, region_pool_reference
+from gkcore.reference.region_pool import pooling_matrix
 from gkcore.testing import assert_close_report, check_parity, noncontiguous, poison_outputs
 
 torchvision = pytest.importorskip("torchvision")

@@ -1122,7 +1122,7 @@ def _pos_sentence(fd: _Finding, rng) -> Tuple[str, Optional[str]]:
     if t == "interstitial opacity":
         fib = "fibrosis" in fd.entities
         s = (f"{cue} interstitial opacity in both lower lung zones." if unc else
-             f"Reticular interstitial opacity in the mid and lower lung zones bilaterally.")
+             "Reticular interstitial opacity in the mid and lower lung zones bilaterally.")
         if fib:
             s += " Findings may reflect fibrosis."
         return s, None

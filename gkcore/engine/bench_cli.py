@@ -20,7 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 
 def bench_dir() -> pathlib.Path:

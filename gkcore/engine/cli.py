@@ -1,7 +1,6 @@
 """``gkcore pretrain``, ``gkcore demo`` and ``gkcore eval``."""
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import math
@@ -112,7 +111,6 @@ def register(subparsers) -> None:
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_pretrain(args) -> int:
-    import torch
 
     from gkcore import create_model
     from gkcore.data import build_loader, open_dataset

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Dict, Optional
 
@@ -22,7 +21,7 @@ import torch
 from . import evaluate as EV
 from .trainer import TrainConfig, Trainer, seed_everything
 
-__all__ = ["DemoConfig", "run_demo", "DEFAULTS"]
+__all__ = ["run_demo", "DEFAULTS"]
 
 #: defaults measured on the 2-core CPU box (see the README for the timing)
 DEFAULTS = dict(n=1200, size=256, steps=200, batch_size=16, lr=5e-4, warmup=10, eval_fraction=0.25, seed=0)

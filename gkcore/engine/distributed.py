@@ -16,7 +16,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -38,7 +38,7 @@ def validate(hidden, weight, targets, bias, ignore_index, label_smoothing, reduc
     """Checks shapes, dtypes, devices and scalars; returns (hidden2d (T, D), targets1d (T,) int64)."""
     check_tensor("hidden", hidden, floating=True)
     if hidden.dim() < 1:
-        raise ValueError(f"hidden must have shape (..., D), got a 0-d tensor")
+        raise ValueError("hidden must have shape (..., D), got a 0-d tensor")
     check_tensor("weight", weight, (2,), floating=True)
     check_tensor("targets", targets)
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:

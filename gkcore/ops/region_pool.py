@@ -6,7 +6,7 @@ Backends: ``cuda`` (CUDA C++, fp32/fp64/fp16/bf16, deterministic backward), ``tr
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 
