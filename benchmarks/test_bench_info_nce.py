@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from harness import QUICK, bench_case, compiled, cuda_or_cpu
 
 from gkcore.functional import info_nce
-from gkcore.ops.contrastive import OP
-from gkcore.reference.contrastive import info_nce_reference
+from gkcore.ops.info_nce import OP
+from gkcore.reference.info_nce import info_nce_reference
 
 DEV = cuda_or_cpu()
 if QUICK:

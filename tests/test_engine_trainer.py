@@ -214,7 +214,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _script_main(mode, out_dir):
     import time
 
-    from gkcore.engine import distributed as D
+    from gkcore.engine import launch as D
 
     torch.set_num_threads(1)
     if mode == "ddp":

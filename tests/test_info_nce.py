@@ -16,9 +16,9 @@ from hypothesis import given, settings, strategies as st
 from conftest import REPO, triton_devices
 from strategies import SEEDS
 from gkcore.functional import info_nce
-from gkcore.ops.contrastive import OP
+from gkcore.ops.info_nce import OP
 from gkcore.ops.registry import BackendError
-from gkcore.reference.contrastive import info_nce_reference
+from gkcore.reference.info_nce import info_nce_reference
 from gkcore.testing import check_parity, noncontiguous
 
 _PROBE = {"query": torch.zeros(1, 4), "keys": torch.zeros(1, 4)}
@@ -385,7 +385,7 @@ def test_cpu_memory_is_linear_not_quadratic():
 @pytest.mark.skipif(not CPU_OK, reason="gkcore._C (cpu backend) not built")
 def test_opcheck_custom_ops():
     """torch.library.opcheck: schema, fake (meta) registration and autograd registration of the cpu ops."""
-    from gkcore.ops.contrastive import _info_nce_bwd, _info_nce_fwd
+    from gkcore.ops.info_nce import _info_nce_bwd, _info_nce_fwd
 
     q, k, qm, scale, _ = make(9, 21, 16, seed=4)
     idx = torch.arange(9)

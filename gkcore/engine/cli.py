@@ -116,7 +116,7 @@ def cmd_pretrain(args) -> int:
     from gkcore.data import build_loader, open_dataset
     from gkcore.models.config import config_to_dict
 
-    from . import distributed as D
+    from . import launch as D
     from .trainer import NonFiniteLossError, TrainConfig, Trainer, seed_everything
 
     file_cfg: Dict[str, Any] = {}
@@ -219,7 +219,7 @@ def _print_metrics(d, indent=0):
 def cmd_eval(args) -> int:
     from gkcore.data import open_dataset
 
-    from .distributed import resolve_device
+    from .launch import resolve_device
     from .evaluate import load_model, run_task
 
     device = str(resolve_device(args.device))

@@ -52,7 +52,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-from . import distributed as D
+from . import launch as D
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "NonFiniteLossError", "save_checkpoint_atomic",
            "load_checkpoint", "cosine_with_warmup", "CHECKPOINT_NAME", "LOG_NAME"]
@@ -244,7 +244,7 @@ class Trainer:
         loader: iterable of batch dicts with ``len()``; already sharded for this rank.
         config: :class:`TrainConfig`.
         out: output folder (``checkpoint.pt``, ``train_log.jsonl``).
-        dist_info: from :func:`gkcore.engine.distributed.init_from_env` (default: single process on
+        dist_info: from :func:`gkcore.engine.launch.init_from_env` (default: single process on
             ``device``).
         device: used when ``dist_info`` is None.
         model_meta: JSON-able facts stored in checkpoints so ``gkcore eval`` can rebuild the model (e.g.

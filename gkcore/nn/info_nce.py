@@ -16,16 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_gather, is_distributed, world_info
+from ..collectives import all_gather, is_distributed, world_info
 
 __all__ = ["ClipLoss", "ITCLoss"]
 
 
 def _info_nce():
     try:
-        from ..ops.contrastive import info_nce
-    except ImportError as e:  # pragma: no cover - only before gkcore.ops.contrastive exists
-        raise ImportError(f"gkcore.nn contrastive losses need gkcore.ops.contrastive.info_nce: {e}") from e
+        from ..ops.info_nce import info_nce
+    except ImportError as e:  # pragma: no cover - only before gkcore.ops.info_nce exists
+        raise ImportError(f"gkcore.nn contrastive losses need gkcore.ops.info_nce.info_nce: {e}") from e
     return info_nce
 
 

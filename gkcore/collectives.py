@@ -17,7 +17,7 @@
 
   Every rank must pass the same shape; this is not checked (a mismatch fails inside the collective).
 
-Nothing here initialises a process group; see :mod:`gkcore.engine.distributed` for ``torchrun`` set-up.
+Nothing here initialises a process group; see :mod:`gkcore.engine.launch` for ``torchrun`` set-up.
 """
 from __future__ import annotations
 

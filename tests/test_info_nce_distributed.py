@@ -10,7 +10,7 @@ either "ok" or the failure text, and the tests below assert on those records:
 * ITCLoss with queues (alpha 0 and 0.4, 3 steps, the queue pointer wraps): loss (averaged over ranks),
   feature gradients (/ world_size), temperature gradient (averaged) and the queues after each step
   equal one process on the concatenated batch; the ALBEF-original ``gather_keys=False`` variant equals
-  the plain-torch ALBEF ITC of test_contrastive_modules with gathered enqueues.
+  the plain-torch ALBEF ITC of test_info_nce_modules with gathered enqueues.
 * The queue divisibility error uses the global batch size.
 """
 import os
@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from test_contrastive_modules import load_open_clip_loss
+from test_info_nce_modules import load_open_clip_loss
 
 load_open_clip_loss()  # skips the module when open_clip is missing
 
@@ -124,8 +124,8 @@ def _itc_local_keys_case(rank):
     """gather_keys=False: in-batch keys are the local momentum features (ALBEF's code); the queue is
     filled with the gathered ones."""
     from gkcore.nn import ITCLoss
-    from gkcore.distributed import all_gather_no_grad
-    from test_contrastive_modules import AlbefITC, _copy_state
+    from gkcore.collectives import all_gather_no_grad
+    from test_info_nce_modules import AlbefITC, _copy_state
 
     torch.manual_seed(3)
     ref = AlbefITC(D, 16)
@@ -162,7 +162,7 @@ def _divisibility_case(rank):
 
 
 def _all_gather_case(rank):
-    from gkcore.distributed import all_gather, world_info
+    from gkcore.collectives import all_gather, world_info
 
     assert world_info() == (rank, WORLD)
     x = torch.full((2, 3), float(rank + 1), dtype=torch.float64, requires_grad=True)

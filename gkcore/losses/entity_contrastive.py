@@ -23,9 +23,9 @@ __all__ = ["entity_contrastive_loss"]
 
 def _info_nce():
     try:
-        from .contrastive import info_nce
-    except ImportError as e:  # pragma: no cover - only before gkcore.ops.contrastive exists
-        raise ImportError("entity_contrastive_loss needs gkcore.ops.contrastive.info_nce, which failed to "
+        from ..ops.info_nce import info_nce
+    except ImportError as e:  # pragma: no cover - only before gkcore.ops.info_nce exists
+        raise ImportError("entity_contrastive_loss needs gkcore.ops.info_nce.info_nce, which failed to "
                           f"import: {e}") from e
     return info_nce
 

@@ -1,9 +1,5 @@
-"""Region cross-attention modules built on :func:`gkcore.functional.region_attention`.
-
-* :class:`RegionCrossAttention`: multi-head cross-attention from queries (knowledge prompts, entities)
-  to anatomical regions pooled from the ViT patch grid at detected boxes (optionally plus all patches).
-* :class:`GKFusion`: the GK fusion module of GK-MVLP, a stack of pre-norm decoder layers (self-attention
-  among the queries, region cross-attention = z_local, cross-attention to all patches = z_fused, MLP).
+""":class:`GKFusion`, the GK fusion module of GK-MVLP: a stack of pre-norm decoder layers (self-attention
+among the queries, region cross-attention = z_local, cross-attention to all patches = z_fused, MLP).
 """
 from __future__ import annotations
 
@@ -12,81 +8,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..ops.region_attention import region_attention
+from .region_attention import RegionCrossAttention
 
-__all__ = ["RegionCrossAttention", "GKFusion"]
-
-
-class RegionCrossAttention(nn.Module):
-    """Multi-head cross-attention from P queries to R regions RoIAlign-pooled from the patch grid.
-
-    ``q = queries Wq``, ``[k, v] = patch_tokens Wkv`` (per patch), region keys/values ``W k``, ``W v``
-    pooled at the boxes inside the op (pooling is linear: pooling projected patches equals projecting
-    pooled patches, so the projection runs once over the N patches and regions cost no extra matmul),
-    ``out = softmax(q [Wk; k]^T / sqrt(d)) [Wv; v] Wo`` (patches only with ``attend_patches``).
-
-    Args:
-        dim: query (and output) width; split into ``num_heads`` heads of ``dim // num_heads``.
-        num_heads: number of heads.
-        kdim: width of the patch tokens (default ``dim``).
-        qkv_bias: bias in the q/k/v projections.
-        attend_patches: also attend to every patch (global-local fusion).
-        dropout: dropout on the output (after the output projection); the attention probabilities are
-            not dropped (the fused kernel has no dropout).
-        backend: passed to :func:`gkcore.functional.region_attention` (None: automatic).
-    """
-
-    def __init__(self, dim: int, num_heads: int, kdim: Optional[int] = None, qkv_bias: bool = True,
-                 attend_patches: bool = False, dropout: float = 0.0, backend: Optional[str] = None):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.kdim = kdim or dim
-        self.attend_patches, self.backend = attend_patches, backend
-        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv_proj = nn.Linear(self.kdim, 2 * dim, bias=qkv_bias)
-        self.out_proj = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, queries: torch.Tensor, patch_tokens: torch.Tensor, boxes: torch.Tensor,
-                grid_size: Sequence[int], region_mask: Optional[torch.Tensor] = None, return_weights: bool = False):
-        """
-        Args:
-            queries: (B, P, dim), or (1, P, dim) / (P, dim) shared by the batch (no copy is made).
-            patch_tokens: (B, N, kdim) patch tokens, N = gh * gw in row-major order (no CLS token).
-            boxes: (B, R, 4) normalised (x0, y0, x1, y1).
-            grid_size: (gh, gw).
-            region_mask: (B, R) bool, False for undetected regions.
-            return_weights: also return the attention weights (B, H, P, R [+ N]).
-
-        Returns:
-            (B, P, dim), or ``(out, weights)``.
-        """
-        B, N, _ = patch_tokens.shape
-        H, hd = self.num_heads, self.head_dim
-        if queries.dim() == 2:
-            queries = queries.unsqueeze(0)
-        if queries.dim() != 3 or queries.shape[0] not in (1, B) or queries.shape[-1] != self.dim:
-            raise ValueError(f"queries must have shape (B={B} or 1, P, {self.dim}), got {tuple(queries.shape)}")
-        Bq, P, _ = queries.shape
-        q = self.q_proj(queries).view(Bq, P, H, hd).transpose(1, 2)  # (Bq, H, P, hd), a view
-        if Bq == 1 and B != 1:
-            q = q[0]  # (H, P, hd): shared by the batch, broadcast by the op with a zero batch stride
-        kv = self.kv_proj(patch_tokens).view(B, N, 2, H, hd)
-        k = kv[:, :, 0].transpose(1, 2)  # (B, H, N, hd), strided views: the kernel reads them in place
-        v = kv[:, :, 1].transpose(1, 2)
-        res = region_attention(q, k, v, boxes, grid_size, region_mask=region_mask,
-                               attend_patches=self.attend_patches, return_weights=return_weights,
-                               backend=self.backend)
-        out, w = res if return_weights else (res, None)
-        out = out.transpose(1, 2).reshape(B, P, self.dim)
-        out = self.drop(self.out_proj(out))
-        return (out, w) if return_weights else out
-
-    def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_heads={self.num_heads}, kdim={self.kdim}, "
-                f"attend_patches={self.attend_patches}")
+__all__ = ["GKFusion"]
 
 
 class _GKFusionLayer(nn.Module):

@@ -1,6 +1,6 @@
 """Triton info_nce (InfoNCE / contrastive cross-entropy) without materialising the (M, N) logits.
 
-Notation (gkcore/reference/contrastive.py): ``s_ij = scale <q_i, k_j>``, ``p = softmax_j(s)``, soft targets
+Notation (gkcore/reference/info_nce.py): ``s_ij = scale <q_i, k_j>``, ``p = softmax_j(s)``, soft targets
 ``p^m = softmax_j(scale <qm_i, k_j>)``, target ``t_ij = c_y y_ij + c_s p^m_ij + c_e`` with
 ``c_y = (1 - eps)(1 - alpha)``, ``c_s = (1 - eps) alpha``, ``c_e = eps / N``.
 

@@ -1,5 +1,5 @@
 // info_nce: InfoNCE / contrastive cross-entropy of queries against keys without the (M, N) logits
-// (torch-free). See gkcore/reference/contrastive.py for the math:
+// (torch-free). See gkcore/reference/info_nce.py for the math:
 //   s_ij = scale <q_i, k_j>,  t_ij = (1 - eps) ((1 - alpha) y_ij + alpha p^m_ij) + eps / N,
 //   loss_i = lse_i - sum_j t_ij s_ij   (0 for rows without a positive)
 // y from idx (M,) int64 (negative: no positive) or mask (M, N) uint8/bool (y = mask / row count).

@@ -2,7 +2,7 @@
 // tiles of 96 with an online log-sum-exp. Logit tiles are kept transposed, S^T (keys x queries), so the
 // per-row reductions (max, sum) run down the columns with full vectors. Small GEMMs use an AVX2/FMA
 // 6x16 register kernel when the CPU has it (runtime check), plain loops otherwise (and for float64).
-#include "contrastive/info_nce.h"
+#include "info_nce/info_nce.h"
 
 #include <algorithm>
 #include <cmath>

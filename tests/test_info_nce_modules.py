@@ -1,6 +1,6 @@
 """gkcore.nn.ClipLoss (vs open_clip's ClipLoss), gkcore.nn.ITCLoss (vs a plain-torch ALBEF ITC written
 here) and gkcore.functional.entity_contrastive_loss (hand-checked cases), single process.
-The 2-process runs are in test_contrastive_distributed.py."""
+The 2-process runs are in test_info_nce_distributed.py."""
 import importlib.util
 import math
 import os
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import gkcore.ops.contrastive as ops_contrastive
+import gkcore.ops.info_nce as ops_info_nce
 from gkcore.functional import entity_contrastive_loss
 from gkcore.nn import ClipLoss, ITCLoss
 
@@ -257,13 +257,13 @@ def test_itc_no_queue_and_input_errors():
 def test_modules_pass_backend_through(monkeypatch):
     """The backend given to the constructor reaches every info_nce call."""
     seen = []
-    real = ops_contrastive.info_nce
+    real = ops_info_nce.info_nce
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("backend"))
         return real(*args, **{**kwargs, "backend": "reference"})
 
-    monkeypatch.setattr(ops_contrastive, "info_nce", spy)
+    monkeypatch.setattr(ops_info_nce, "info_nce", spy)
     x = F.normalize(torch.randn(4, 8), dim=1)
     ClipLoss(backend="sentinel-a")(x, x, 10.0)
     ITCLoss(8, 8, backend="sentinel-b")(x, x, x, x)

@@ -1,10 +1,10 @@
 #include "bindings.h"
-#include "contrastive/info_nce.h"
+#include "info_nce/info_nce.h"
 
 namespace py = pybind11;
 using namespace gkcore;
 
-GKCORE_BIND(bind_contrastive) {
+GKCORE_BIND(bind_info_nce) {
   m.def("info_nce_forward_cpu",
         [](int dtype, std::uintptr_t q, std::uintptr_t k, std::uintptr_t qm, std::uintptr_t idx, std::uintptr_t mask,
            double scale, double alpha, double eps, std::uintptr_t loss, std::uintptr_t lse, std::uintptr_t lse_m,

@@ -1,5 +1,5 @@
 """info_nce: InfoNCE / contrastive cross-entropy of queries against keys (+ queue) without the (M, N)
-logits (see gkcore/reference/contrastive.py for the math).
+logits (see gkcore/reference/info_nce.py for the math).
 
 Backends: ``triton`` (fp32/fp16/bf16 with fp32 accumulation, online log-sum-exp over key tiles, backward
 recomputes the tiles: one row-side kernel for the query gradient, one key-side kernel for the keys'
@@ -24,7 +24,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _ext
-from ..reference.contrastive import info_nce_reference
+from ..reference.info_nce import info_nce_reference
 from . import _triton
 from ._util import check_same_device, check_tensor, is_compiling, new_output
 from .registry import Backend, register_op
@@ -141,7 +141,7 @@ def _info_nce_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, 
                                         float(alpha), float(eps), loss.data_ptr(), lse.data_ptr(),
                                         _ptr(lse_m if soft else None), _ptr(A if fuse_dq else None), M, N, D)
     elif impl == "triton":
-        from gkcore.kernels.contrastive import info_nce_forward
+        from gkcore.kernels.info_nce import info_nce_forward
 
         info_nce_forward(query, keys, sq, idx if mask is None else None, mask, scale, float(alpha), float(eps),
                          loss, lse, lse_m if soft else None)
@@ -186,7 +186,7 @@ def _info_nce_bwd(g: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, scal
                                          float(eps), lse.data_ptr(), _ptr(lse_m if soft else None), g.data_ptr(),
                                          _ptr(A), _ptr(C), M, N, D)
     elif impl == "triton":
-        from gkcore.kernels.contrastive import info_nce_backward
+        from gkcore.kernels.info_nce import info_nce_backward
 
         info_nce_backward(query, keys, sq, idx if mask is None else None, mask, scale, float(alpha), float(eps),
                           lse, lse_m if soft else None, g, A, C)
@@ -298,9 +298,9 @@ def _triton_check(inputs):
     if D > 1024:
         return [f"D={D} > 1024 (the kernels hold a full feature row per tile)"]
     try:
-        import gkcore.kernels.contrastive  # noqa: F401
+        import gkcore.kernels.info_nce  # noqa: F401
     except Exception as e:  # pragma: no cover - depends on the install
-        return [f"gkcore.kernels.contrastive could not be imported: {e}"]
+        return [f"gkcore.kernels.info_nce could not be imported: {e}"]
     return []
 
 
