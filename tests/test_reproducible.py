@@ -68,7 +68,7 @@ def test_take_rows_matches_indexing_with_repeats():
     """The ITM gather: same rows and the same gradient as x[idx] (repeats summed), float64."""
     import torch
 
-    from gkcore.models.gk_mvlp import _take_rows
+    from gkcore.models.pretrain_losses import _take_rows
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5, 3, dtype=torch.float64, generator=g, requires_grad=True)

@@ -47,28 +47,33 @@ without gradient and cached; the cache key is the identity and ``_version`` coun
 ``copy_``), plus device, dtype and the prompt list, so it is recomputed exactly when those parameters
 change (in training that is after every optimizer step, since the text tower is trained by ITC). With ``gk.freeze_knowledge_encoder=False``
 it is recomputed with gradient at every training forward instead.
+
+This file holds the module (construction, momentum encoders, knowledge book, ``forward``); the loss terms
+are in :mod:`~gkcore.models.pretrain_losses`, the inference API in :mod:`~gkcore.models.inference`,
+report generation (greedy, beam search) in :mod:`~gkcore.models.generation` and save / load in
+:mod:`~gkcore.models.persistence`, each mixed into :class:`GKMVLP`.
 """
 from __future__ import annotations
 
 import copy
-import json
 import os
-import warnings
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gkcore import functional as GF
 from gkcore import nn as gnn
 from gkcore.data import knowledge as K
-from .config import GKMVLPConfig, config_from_dict, config_to_dict, minilm_path
+from .config import GKMVLPConfig, minilm_path
 from .detector import NUM_REGIONS, RegionDetector
 from .encoders import (FusionEncoder, ImageEncoder, ReportDecoder, TextEncoder, init_bert_weights, init_text_towers,
-                       load_bert_state,
-                       text_config_from_pretrained)
+                       load_bert_state, text_config_from_pretrained)
+from .generation import ReportGeneration
 from .gk_module import GKModule
+from .inference import InferenceAPI
+from .persistence import Persistence
+from .pretrain_losses import PretrainLosses
 
 __all__ = ["GKMVLP", "REQUIRED_KEYS"]
 
@@ -82,36 +87,7 @@ def _tokenizer_folder(folder: Optional[str]) -> Optional[str]:
     return None
 
 
-def _inference(fn):
-    """Inference API methods run without autograd and in eval mode (no dropout); the mode is restored."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(self, *args, **kwargs):
-        was = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                return fn(self, *args, **kwargs)
-        finally:
-            self.train(was)
-    return wrapper
-
-
-def _acc(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half / bfloat16 tensors (loss accumulation), unchanged otherwise (float32, float64)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x[idx]`` (rows, repeats allowed) with a backward that sums repeated rows in a fixed order on every
-    device. On the CPU, the backward of ``x[idx]`` adds with parallel atomic adds, so two runs can differ
-    in the last bits; ``index_select``'s is ordered there. On CUDA it is the reverse: the backward of
-    ``index_select`` uses atomic adds and that of ``x[idx]`` sorts (PyTorch's reproducibility notes)."""
-    return x.index_select(0, idx) if x.device.type == "cpu" else x[idx]
-
-
-class GKMVLP(nn.Module):
+class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Module):
     """The full model; see the module docstring. Build with :func:`gkcore.create_model`."""
 
     #: the trainer's contract: momentum encoders and queues are updated inside ``forward`` (training mode)
@@ -321,39 +297,6 @@ class GKMVLP(nn.Module):
             raise ValueError(f"batch['region_boxes'] must be floating point, got {batch['region_boxes'].dtype}")
         return B
 
-    # ------------------------------------------------------------------------------------- forward
-    def current_alpha(self) -> float:
-        """ALBEF's ramp: ``alpha * min(1, step / alpha_warmup_steps)``."""
-        lc = self.config.loss
-        if lc.alpha_warmup_steps <= 0:
-            return lc.alpha
-        return lc.alpha * min(1.0, float(self.step) / lc.alpha_warmup_steps)
-
-    def sample_negatives(self, img_feat: torch.Tensor, txt_feat: torch.Tensor,
-                         study: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """ITM hard negatives: ``(neg_text_for_image (B,), neg_image_for_text (B,))`` drawn by
-        ``sample_hard_negatives`` from the (B, D) ITC features with ``group_ids=study`` (same-study pairs are
-        never negatives), with ``self.itm_generator`` (seeded with ``loss.itm_seed``, saved by the trainer)
-        and the backend ``loss.itm_sampler_backend`` (None = the model's backend)."""
-        dev = img_feat.device
-        if self.itm_generator is None or self.itm_generator.device.type != dev.type:
-            self.itm_generator = torch.Generator(device=dev).manual_seed(int(self.config.loss.itm_seed))
-        be = self.config.loss.itm_sampler_backend or self.backend
-        neg_t, neg_i = GF.sample_hard_negatives(img_feat, txt_feat, self._itc_scale().to(dev, img_feat.dtype), group_ids=study,
-                          generator=self.itm_generator, backend=be)
-        self.last_itm_negatives = (neg_t, neg_i)
-        return neg_t, neg_i
-
-    def _itc_scale(self) -> torch.Tensor:
-        for name in ("temp", "temperature"):
-            t = getattr(self.itc, name, None)
-            if isinstance(t, torch.Tensor):
-                return 1.0 / t.detach()
-        ls = getattr(self.itc, "logit_scale", None)
-        if isinstance(ls, torch.Tensor):
-            return ls.detach().exp()
-        return torch.tensor(1.0 / self.config.loss.temperature)
-
     def pool_text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Sentence features (B, Dt) of text-tower outputs ``hidden`` (B, L, Dt) with ``attention_mask``
         (B, L) 0/1: masked mean over the tokens (``text.pooling="mean"``) or the CLS token ("cls")."""
@@ -366,10 +309,11 @@ class GKMVLP(nn.Module):
         tokens = self.visual(images)
         return tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
 
+    # ------------------------------------------------------------------------------------- forward
     def forward(self, batch: Dict, alpha: Optional[float] = None) -> Dict[str, torch.Tensor]:
         """Pre-training losses for one batch (CONTRACTS.md batch dict); see the module docstring."""
-        B = self.check_batch(batch)
-        lc, be = self.config.loss, self.backend
+        self.check_batch(batch)
+        lc = self.config.loss
         dev = self.vision_proj.weight.device
         dt = self.vision_proj.weight.dtype
         images = batch["image"].to(dev, dt)
@@ -392,47 +336,22 @@ class GKMVLP(nn.Module):
             img_m = F.normalize(self.vision_proj_m(self.visual_m(images)[:, 0]), dim=-1)
             txt_m = F.normalize(self.text_proj_m(self.pool_text(self.text_encoder_m(ids, att), att)), dim=-1)
 
-        # ---- ITC (enqueues momentum features in training mode)
+        # ---- ITC (enqueues momentum features in training mode), ITM with hard negatives
         loss_itc = self.itc(img_feat, txt_feat, img_m, txt_m, alpha=alpha)
-
-        # ---- ITM with hard negatives
-        has_neg = B > 1 and bool((study[:, None] != study[None, :]).any())
-        if has_neg:
-            with torch.no_grad():
-                neg_t, neg_i = self.sample_negatives(img_feat.detach(), txt_feat.detach(), study)
-            txt_all = torch.cat([txt_hidden, txt_hidden, _take_rows(txt_hidden, neg_t)], 0)
-            att_all = torch.cat([att, att, att[neg_t]], 0)
-            img_all = torch.cat([img_tokens, _take_rows(img_tokens, neg_i), img_tokens], 0)
-            fused = self.fusion_encoder(txt_all, att_all, img_all)
-            itm_logits = self.itm_head(fused[:, 0])
-            itm_labels = torch.cat([torch.ones(B, dtype=torch.long, device=dev),
-                                    torch.zeros(2 * B, dtype=torch.long, device=dev)])
-            loss_itm = F.cross_entropy(_acc(itm_logits), itm_labels).to(dt)
-        else:
-            warnings.warn("ITM: every pair in the batch shares one study_id (or B = 1): no negative, loss_itm = 0")
-            fused = self.fusion_encoder(txt_hidden, att, img_tokens)
-            loss_itm = self.itm_head(fused[:, 0]).sum() * 0.0
+        loss_itm = self._itm_loss(img_tokens, img_feat, txt_hidden, txt_feat, att, study)
 
         # ---- knowledge book, GK module, entity losses
         freeze = self.config.gk.freeze_knowledge_encoder
         feats, emb = self.knowledge_book(dev, dt, grad=not freeze and self.training)
         if labels.shape[1] != feats.shape[0]:
             raise ValueError(f"batch['entity_labels'] has {labels.shape[1]} entities, the knowledge book {feats.shape[0]}")
-        loss_ecls = GF.entity_contrastive_loss(img_feat, emb.to(img_feat.dtype), labels, 1.0 / self.ecls_temp,
-                                               backend=be)
+        loss_ecls = self._ecls_loss(img_feat, emb, labels)
         boxes, rmask = self.detector(images, batch["region_boxes"].to(dev, dt), batch["region_mask"].to(dev))
         gk = self._run_gk(img_tokens[:, 1:], boxes, rmask, feats, book=feats)
-        known = labels >= 0  # mean over the mentioned (sample, entity) pairs; 0 when there is none (no sync)
-        ce = F.cross_entropy(_acc(gk["logits"]).flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none")
-        loss_gk = ((ce * known.flatten()).sum() / known.sum().clamp(min=1)).to(dt)
+        loss_gk = self._gk_loss(gk["logits"], labels)
 
         # ---- LM
-        enc, enc_mask = self._decoder_memory(img_tokens, gk, rmask)
-        dec_ids = ids.clone()
-        dec_ids[:, 0] = self.bos_token_id
-        hidden = self.decoder(dec_ids, att, enc, enc_mask)
-        targets = ids[:, 1:].masked_fill(att[:, 1:] == 0, -100)
-        loss_lm = self.lm_head(hidden[:, :-1], targets)  # label smoothing set in the head; padding ignored
+        loss_lm = self._lm_loss(img_tokens, gk, rmask, ids, att)
 
         loss = (lc.w_itc * loss_itc + lc.w_itm * loss_itm + lc.w_lm * loss_lm + lc.w_ecls * loss_ecls
                 + lc.w_gk * loss_gk)
@@ -449,33 +368,6 @@ class GKMVLP(nn.Module):
         ones = torch.ones(img_tokens.shape[:2], dtype=torch.long, device=img_tokens.device)
         return torch.cat([img_tokens, mem], 1), torch.cat([ones, mm], 1)
 
-    # ----------------------------------------------------------------------------------- inference
-    def _images(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor) or images.dim() != 4:
-            raise ValueError("images must be a (B, C, H, W) tensor")
-        if images.shape[1] != self.config.channels or tuple(images.shape[2:]) != (self.config.image_size,) * 2:
-            raise ValueError(f"images have shape {tuple(images.shape)}, the model expects (B, {self.config.channels}, "
-                             f"{self.config.image_size}, {self.config.image_size})")
-        return images.to(self.vision_proj.weight.device, self.vision_proj.weight.dtype)
-
-    @_inference
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image embeddings (B, De) (projected ViT CLS)."""
-        return self._image(self._images(images))[1]
-
-    @_inference
-    def encode_text(self, input_ids: Union[torch.Tensor, Sequence[str]],
-                    attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """L2-normalised report embeddings (B, De); ``input_ids`` (B, L) with ``attention_mask``, or a list
-        of strings (tokenised here)."""
-        dev = self.vision_proj.weight.device
-        if not isinstance(input_ids, torch.Tensor):
-            input_ids, attention_mask = self._tokenize(input_ids, dev)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        h = self.text_encoder(input_ids.to(dev).long(), attention_mask.to(dev).long())
-        return F.normalize(self.text_proj(self.pool_text(h, attention_mask.to(dev).long())), dim=-1)
-
     def _query_center(self, book: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The knowledge book's mean prompt feature (Dt,) subtracted from every GK query before its
         projection (``gk.center_queries``), else None. ``book``: the book's features when at hand."""
@@ -490,204 +382,6 @@ class GKMVLP(nn.Module):
         or other prompts), centred on the book's mean when ``gk.center_queries``."""
         return self.gk(patches, self.visual.grid_size, boxes, rmask, queries, with_regions=with_regions,
                        prompt_center=self._query_center(book))
-
-    def _query_feats(self, entities: Optional[Sequence[str]]):
-        feats, _ = self.knowledge_book()
-        if entities is None:
-            return feats
-        if isinstance(entities, str):
-            entities = [entities]
-        names = list(K.ENTITY_NAMES)
-        rows, out = [], [None] * len(entities)
-        for i, e in enumerate(entities):
-            if e in names:
-                out[i] = feats[names.index(e)]
-            else:
-                rows.append(i)
-        if rows:  # entities outside the knowledge base: their name is the prompt (zero-shot)
-            f, _ = self._encode_prompts([entities[i] for i in rows], feats.device, feats.dtype, grad=False)
-            for j, i in enumerate(rows):
-                out[i] = f[j]
-        return torch.stack(out)
-
-    def _gk_infer(self, images, entities, region_boxes, region_mask, patch_grad: bool = False):
-        """Image tokens, boxes, region mask and the GK output for ``entities``. ``patch_grad``: the GK
-        module runs with autograd on (a copy of) the patch tokens, returned as ``out["patches"]``."""
-        images = self._images(images)
-        tokens = self.visual(images)
-        if region_boxes is not None:
-            region_boxes = region_boxes.to(images.device, images.dtype)
-        boxes, rmask = self.detector(images, region_boxes, None if region_mask is None else region_mask.to(images.device))
-        q = self._query_feats(entities)
-        with torch.set_grad_enabled(patch_grad):
-            patches = tokens[:, 1:].detach().requires_grad_(patch_grad)
-            out = self._run_gk(patches, boxes, rmask, q, with_regions=False)
-        out["patches"] = patches
-        return tokens, boxes, rmask, out
-
-    @_inference
-    def zero_shot_classify(self, images: torch.Tensor, entities: Optional[Sequence[str]] = None,
-                           region_boxes: Optional[torch.Tensor] = None,
-                           region_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """P(entity present) (B, E') through the GK module. ``entities``: names of knowledge-base entities
-        (their "{entity}: {description}" prompt is used) or any other text (used as the prompt);
-        None = every knowledge-base entity. Boxes default to the detector's / the atlas."""
-        _, _, _, out = self._gk_infer(images, entities, region_boxes, region_mask)
-        return GKModule.probabilities(out["logits"])
-
-    @_inference
-    def ground(self, images: torch.Tensor, entity: str, region_boxes: Optional[torch.Tensor] = None,
-               region_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Where is ``entity``? ``region_scores`` (B, 29): the GK fusion's region attention for the entity
-        query (mean over layers and heads; masked regions 0; sums to 1 over present regions);
-        ``patch_map`` (B, gh, gw): the fusion's patch attention when it attends to patches, else
-        softmax over patches of the cosine similarity between the fused entity feature and the patch
-        tokens (temperature 0.1); ``region_text_scores`` (B, 29): ITC-space grounding with the
-        region-aware prompts "{entity} in the {region}": softmax over the present regions of
-        ``vision_proj(region_pool(patches, box_r)) . text_proj(prompt_r) / temp`` (masked regions 0);
-        ``patch_saliency`` (B, gh, gw): gradient saliency of the GK decision (Simonyan et al. 2014), the
-        L2 norm over channels of d(logit_present - logit_absent) / d(patch token), through the GK module
-        with the ViT tokens fixed, normalised to sum to 1 (computed with autograd inside this no-grad
-        method)."""
-        if not isinstance(entity, str):
-            raise ValueError(f"entity must be a string, got {type(entity).__name__}")
-        tokens, boxes, rmask, out = self._gk_infer(images, [entity], region_boxes, region_mask, patch_grad=True)
-        gh, gw = self.visual.grid_size
-        B = tokens.shape[0]
-        ra = out["region_attn"]
-        if ra is None:
-            raise RuntimeError("the GK fusion returned no region attention maps")
-        rs = ra[:, 0].float() * rmask.float()
-        rs = rs / rs.sum(-1, keepdim=True).clamp(min=1e-12)
-        pa = out.get("patch_attn")
-        if pa is not None:
-            pm = pa[:, 0].float()
-            pm = pm / pm.sum(-1, keepdim=True).clamp(min=1e-12)
-        else:
-            z = F.normalize(out["z"][:, 0].float(), dim=-1)
-            p = F.normalize(tokens[:, 1:].float(), dim=-1)
-            pm = torch.softmax(torch.einsum("bd,bnd->bn", z, p) / 0.1, dim=-1)
-        # gradient saliency of the entity's decision on the patch tokens (through the GK module only)
-        with torch.enable_grad():
-            lo = out["logits"][:, 0]
-            (g,) = torch.autograd.grad((lo[:, 1] - lo[:, 0]).float().sum(), out["patches"])
-        sal = g.float().norm(dim=-1)
-        sal = sal / sal.sum(-1, keepdim=True).clamp(min=1e-12)
-        # region-aware prompts in the ITC embedding space
-        from gkcore.functional import region_pool
-
-        regions = list(K.REGIONS)
-        _, pe = self._encode_prompts([f"{entity} in the {r}" for r in regions], tokens.device, tokens.dtype,
-                                     grad=False, online=True)  # (29, De)
-        rf = region_pool(tokens[:, 1:], boxes.to(tokens.dtype), self.visual.grid_size, backend=self.backend)
-        rf = F.normalize(self.vision_proj(rf), dim=-1)  # (B, 29, De)
-        sim = torch.einsum("brd,rd->br", rf.float(), pe.float()) * self._itc_scale().float()
-        sim = sim.masked_fill(~rmask.bool(), float("-inf"))
-        rts = torch.softmax(sim, -1).nan_to_num(0.0)
-        return {"region_scores": rs, "patch_map": pm.view(B, gh, gw), "region_text_scores": rts,
-                "patch_saliency": sal.view(B, gh, gw)}
-
-    @torch.no_grad()
-    def _next_logprobs(self, ids, enc, enc_mask):
-        att = torch.ones_like(ids)
-        h = self.decoder(ids, att, enc, enc_mask)[:, -1]
-        logits = F.linear(h.float(), self.lm_head.weight.float(),
-                          None if self.lm_head.bias is None else self.lm_head.bias.float())
-        return torch.log_softmax(logits, -1)
-
-    @torch.no_grad()
-    def generate_report(self, images: torch.Tensor, max_length: Optional[int] = None, num_beams: int = 1,
-                        region_boxes: Optional[torch.Tensor] = None,
-                        region_mask: Optional[torch.Tensor] = None) -> List[str]:
-        """Reports (B strings) for images (B, C, H, W): greedy (``num_beams=1``) or beam search; see
-        :meth:`generate`. The text is the decoded tokens up to the first SEP, special tokens dropped."""
-        ids, _ = self.generate(images, max_length, num_beams, region_boxes, region_mask)
-        sep = self.tokenizer.sep_token_id
-        out = []
-        for row in ids.tolist():
-            if sep in row:
-                row = row[:row.index(sep)]
-            out.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
-        return out
-
-    @_inference
-    def generate(self, images: torch.Tensor, max_length: Optional[int] = None, num_beams: int = 1,
-                 region_boxes: Optional[torch.Tensor] = None,
-                 region_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and scores of the best sequence per image: greedy (``num_beams=1``) or beam search
-        over the sum of next-token log-probabilities (no length penalty; a beam ends at SEP and then
-        only repeats SEP at no cost), starting from BOS, ``max_length`` positions including BOS (default
-        ``config.max_length``). Returns ``ids`` (B, T <= max_length - 1) without BOS (SEP-padded after
-        the end) and ``scores`` (B,) float32, the log-probability of ``ids`` up to and including the
-        first SEP."""
-        if num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-        max_length = max_length or self.config.max_length
-        images = self._images(images)
-        tokens = self.visual(images)
-        boxes, rmask = self.detector(images, None if region_boxes is None else region_boxes.to(images.device, images.dtype),
-                                     None if region_mask is None else region_mask.to(images.device))
-        feats, _ = self.knowledge_book()
-        gk = self._run_gk(tokens[:, 1:], boxes, rmask, feats, book=feats)
-        enc, enc_mask = self._decoder_memory(tokens, gk, rmask)
-        B, K, dev = images.shape[0], num_beams, images.device
-        sep = self.tokenizer.sep_token_id
-        enc = enc.repeat_interleave(K, 0)
-        enc_mask = None if enc_mask is None else enc_mask.repeat_interleave(K, 0)
-        seqs = torch.full((B * K, 1), self.bos_token_id, dtype=torch.long, device=dev)
-        scores = torch.zeros(B, K, device=dev)
-        scores[:, 1:] = float("-inf")  # start from one live beam per image
-        done = torch.zeros(B * K, dtype=torch.bool, device=dev)
-        for _ in range(max_length - 1):
-            lp = self._next_logprobs(seqs, enc, enc_mask)  # (B*K, V)
-            V = lp.shape[-1]
-            # finished beams only extend with SEP at no cost
-            lp = torch.where(done[:, None], torch.full_like(lp, float("-inf")), lp)
-            lp[done, sep] = 0.0
-            cand = (scores.view(B * K, 1) + lp).view(B, K * V)
-            top, idx = cand.topk(K, dim=-1)
-            beam, tok = idx // V, idx % V
-            base = (torch.arange(B, device=dev) * K)[:, None]
-            src = (base + beam).flatten()
-            seqs = torch.cat([seqs[src], tok.flatten()[:, None]], 1)
-            done = done[src] | (tok.flatten() == sep)
-            scores = top
-            if bool(done.all()):
-                break
-        best_score, best = scores.max(-1)
-        best = best + torch.arange(B, device=dev) * K
-        return seqs[best, 1:], best_score.float()
-
-    # ---------------------------------------------------------------------------------- save / load
-    def save(self, path: str) -> None:
-        """Weights and config in one safetensors file (tied / shared tensors stored once)."""
-        from safetensors.torch import save_model
-
-        cfg = copy.deepcopy(self.config)
-        meta = {"format": "gkcore.GKMVLP", "config": json.dumps(config_to_dict(cfg))}
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        save_model(self, path, metadata=meta)
-
-    @classmethod
-    def load(cls, path: str, backend: Optional[str] = None, device: Union[str, torch.device] = "cpu",
-             tokenizer=None) -> "GKMVLP":
-        """Rebuild a model saved by :meth:`save` (architecture from the file's metadata; no pretrained
-        weights are read, every tensor comes from the file)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_model
-
-        if not os.path.isfile(path):
-            raise ValueError(f"checkpoint {path!r} does not exist")
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != "gkcore.GKMVLP":
-            raise ValueError(f"{path!r} is not a GKMVLP checkpoint (metadata format {meta.get('format')!r})")
-        cfg = config_from_dict(json.loads(meta["config"]))
-        cfg.vision.checkpoint = None
-        cfg.text.pretrained = None  # architecture fields were resolved before saving
-        model = cls(cfg, backend=backend, tokenizer=tokenizer, init_pretrained=False)
-        missing, unexpected = load_model(model, path, strict=True, device=str(device))
-        return model.to(device)
 
 
 def _load_tokenizer(path=None):
