@@ -107,7 +107,7 @@ def test_base_preset_sizes_on_meta_device():
 
 
 def test_info_cli_prints_per_component_counts(capsys):
-    from gkcore.engine import info_cli
+    from gkcore.cli import info as info_cli
 
     rc = info_cli.run(argparse.Namespace(json=False, model="gk_mvlp_tiny"))
     assert rc == 0

@@ -101,7 +101,7 @@ def test_presets_listed_and_overrides():
 
 
 def test_cli_set_values_parse_json_and_python_literals():
-    from gkcore.engine.cli import _parse_set
+    from gkcore.cli.train import _parse_set
 
     got = _parse_set(["a=False", "b=false", "c=0.5", "d=conv", "e=None", "f=[1, 2]"])
     assert got == {"a": False, "b": False, "c": 0.5, "d": "conv", "e": None, "f": [1, 2]}

@@ -6,7 +6,7 @@ import time
 
 
 def _synth(args) -> int:
-    from .synth import generate
+    from gkcore.data.synth import generate
 
     t0 = time.perf_counter()
     try:

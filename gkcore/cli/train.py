@@ -1,14 +1,14 @@
-"""``gkcore pretrain``, ``gkcore demo`` and ``gkcore eval``."""
+"""``gkcore pretrain`` and ``gkcore demo``: their arguments, and the pretrain job (model, loader and
+:class:`~gkcore.engine.trainer.Trainer` put together); the demo job is :func:`gkcore.engine.demo.run_demo`."""
 from __future__ import annotations
 
 import ast
 import json
-import math
 import os
 import sys
 from typing import Any, Dict
 
-__all__ = ["register", "cmd_pretrain", "cmd_demo", "cmd_eval"]
+__all__ = ["register", "cmd_pretrain", "cmd_demo"]
 
 
 def _parse_set(items) -> Dict[str, Any]:
@@ -65,7 +65,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_pretrain)
 
     # ------------------------------------------------------------------ demo
-    from .demo import DEFAULTS
+    from gkcore.engine.demo import DEFAULTS
 
     d = subparsers.add_parser(
         "demo", help="the main job: synthetic data, evaluate, pre-train gk_mvlp_tiny, evaluate again (CPU, ~10 min)",
@@ -88,26 +88,6 @@ def register(subparsers) -> None:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 
-    # ------------------------------------------------------------------ eval
-    from .evaluate import TASKS
-
-    e = subparsers.add_parser("eval", help="downstream evaluation of a checkpoint",
-                              description="Evaluate a checkpoint on a downstream task with its standard metric.")
-    e.add_argument("--task", required=True, choices=TASKS)
-    e.add_argument("--checkpoint", required=True, help="model.safetensors or a pretrain checkpoint.pt")
-    e.add_argument("--data", required=True, help="ADAPTER:PATH")
-    e.add_argument("--split", default=None, help="dataset split where the adapter has splits (mimic: test)")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--fractions", default="0.01,0.1,1", help="label fractions for linear-probe / fine-tune")
-    e.add_argument("--epochs", type=int, default=3, help="fine-tune epochs")
-    e.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--backend", default=None)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--num-threads", type=int, default=2)
-    e.add_argument("--json", dest="json_out", default=None, help="also write the metrics to this JSON file")
-    e.set_defaults(func=cmd_eval)
-
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_pretrain(args) -> int:
@@ -116,8 +96,8 @@ def cmd_pretrain(args) -> int:
     from gkcore.data import build_loader, open_dataset
     from gkcore.models.config import config_to_dict
 
-    from . import launch as D
-    from .trainer import NonFiniteLossError, TrainConfig, Trainer, seed_everything
+    from gkcore.engine import launch as D
+    from gkcore.engine.trainer import NonFiniteLossError, TrainConfig, Trainer, seed_everything
 
     file_cfg: Dict[str, Any] = {}
     if args.config:
@@ -188,7 +168,7 @@ def cmd_pretrain(args) -> int:
 def cmd_demo(args) -> int:
     import torch
 
-    from .demo import run_demo
+    from gkcore.engine.demo import run_demo
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
     res = run_demo(args.out, n=args.n, size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -199,50 +179,4 @@ def cmd_demo(args) -> int:
         return 130
     if not res["above_chance_after_pretraining"]:
         print("note: the pre-trained model did not beat chance on both metrics in this run", file=sys.stderr)
-    return 0
-
-
-def _print_metrics(d, indent=0):
-    pad = " " * indent
-    for k, v in d.items():
-        if isinstance(v, dict):
-            print(f"{pad}{k}:")
-            _print_metrics(v, indent + 2)
-        elif isinstance(v, float):
-            print(f"{pad}{k}: {'nan' if math.isnan(v) else f'{v:.4f}'}")
-        elif isinstance(v, list):
-            print(f"{pad}{k}: [{len(v)} items]")
-        else:
-            print(f"{pad}{k}: {v}")
-
-
-def cmd_eval(args) -> int:
-    from gkcore.data import open_dataset
-
-    from .launch import resolve_device
-    from .evaluate import load_model, run_task
-
-    device = str(resolve_device(args.device))
-    try:
-        fractions = tuple(float(x) for x in args.fractions.split(","))
-    except ValueError:
-        print(f"error: --fractions must be comma-separated numbers, got {args.fractions!r}", file=sys.stderr)
-        return 2
-    try:
-        model = load_model(args.checkpoint, device=device, backend=args.backend)
-        dataset = open_dataset(args.data, **({"split": args.split} if args.split else {}))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    res = run_task(args.task, model, dataset, batch_size=args.batch_size, device=device, fractions=fractions,
-                   epochs=args.epochs, seed=args.seed, max_batches=args.max_batches, num_threads=args.num_threads)
-    print(f"task {args.task} on {args.data} ({len(dataset)} samples)")
-    if args.task in ("linear-probe", "fine-tune"):
-        short = {f: {"macro_auroc": r["macro"], "n_classes": r["n_classes"]} for f, r in res.items()}
-        _print_metrics(short)
-    else:
-        _print_metrics({k: v for k, v in res.items() if k != "per_class"})
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(res, f, indent=1, default=float)
     return 0

@@ -8,10 +8,11 @@ from typing import List, Optional
 
 #: Subcommand modules, in help order. A module that is not part of this install is left out.
 COMMAND_MODULES = (
-    "gkcore.engine.cli",       # pretrain, demo, eval
-    "gkcore.data.cli",         # data synth
-    "gkcore.engine.bench_cli",  # bench
-    "gkcore.engine.info_cli",  # info
+    "gkcore.cli.train",  # pretrain, demo
+    "gkcore.cli.eval",   # eval
+    "gkcore.cli.data",   # data synth
+    "gkcore.cli.bench",  # bench
+    "gkcore.cli.info",   # info
 )
 
 
