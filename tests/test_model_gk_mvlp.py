@@ -292,6 +292,41 @@ def test_knowledge_book_cached_until_text_tower_changes(tiny):
     assert tiny.knowledge_book()[0] is f4
 
 
+def test_knowledge_book_dropped_exactly_by_optimizer_steps_over_the_knowledge_towers():
+    """The model watches optimizer steps itself: no trainer has to tell it. Fused AdamW (which writes
+    the weights without bumping their version counters) drops the book; a step over other parameters, or
+    over text parameters without a gradient, keeps it; a copy of the model has a book of its own."""
+    torch.manual_seed(0)
+    model = micro()
+    model.eval()
+    _, e1 = model.knowledge_book()
+    vision = list(model.vision_proj.parameters())
+    text = list(model.text_proj.parameters())
+
+    def step(params, opt, grad=True):
+        for p in params:
+            p.grad = torch.randn_like(p) if grad else None
+        opt.step()
+        model.zero_grad(set_to_none=True)
+
+    step(vision, torch.optim.AdamW(vision, lr=0.1, fused=True))
+    assert model.knowledge_book()[1] is e1
+    step(text, torch.optim.AdamW(text, lr=0.1), grad=False)  # no gradient: the optimizer updates nothing
+    assert model.knowledge_book()[1] is e1
+    step(text, torch.optim.AdamW(text, lr=0.1, fused=True))
+    _, e2 = model.knowledge_book()
+    assert e2 is not e1 and not torch.allclose(e2, e1)
+    twin = copy.deepcopy(model)
+    _, t2 = twin.knowledge_book()
+    assert t2 is not e2 and torch.equal(t2, e2)  # computed from the copy's own towers
+    twin_text = list(twin.text_proj.parameters())
+    step(twin_text, torch.optim.SGD(twin_text, lr=0.1))
+    assert model.knowledge_book()[1] is e2 and twin.knowledge_book()[1] is not t2
+    model.text_proj.weight.data.mul_(2.0)  # an edit outside an optimizer: the documented call
+    model.invalidate_caches()
+    assert not torch.allclose(model.knowledge_book()[1], e2)
+
+
 def test_safetensors_round_trip(tiny, batch, tmp_path):
     path = str(tmp_path / "gk.safetensors")
     tiny.save(path)

@@ -42,11 +42,13 @@ enqueues the momentum features (inside ITCLoss) and increments ``step`` (used by
 
 The knowledge book (entity prompt features) is computed by the knowledge towers (:meth:`knowledge_towers`:
 the online text tower, or with ``gk.knowledge_encoder="frozen"`` a frozen copy of it made at build time)
-without gradient and cached; the cache key is the identity and ``_version`` counter of every parameter of ``text_encoder`` and
-``text_proj`` (a counter is bumped by every in-place update: optimizer steps, ``load_state_dict``,
-``copy_``), plus device, dtype and the prompt list, so it is recomputed exactly when those parameters
-change (in training that is after every optimizer step, since the text tower is trained by ITC). With ``gk.freeze_knowledge_encoder=False``
-it is recomputed with gradient at every training forward instead.
+without gradient and cached for the device, dtype and prompt list it was asked for. The model drops the
+cache itself whenever the towers' weights change: after every step of any ``torch.optim`` optimizer
+that updates one of their parameters (a global optimizer step post-hook, so fused optimizers and
+training loops other than gkcore's trainer are covered; in training that is every step, since ITC
+trains the text tower), and after ``load_state_dict``. Code that edits the towers' weights in place any
+other way calls :meth:`GKMVLP.invalidate_caches`. With ``gk.freeze_knowledge_encoder=False`` the book is
+recomputed with gradient at every training forward instead.
 
 This file holds the module (construction, momentum encoders, knowledge book, ``forward``); the loss terms
 are in :mod:`~gkcore.models.pretrain_losses`, the inference API in :mod:`~gkcore.models.inference`,
@@ -57,11 +59,13 @@ from __future__ import annotations
 
 import copy
 import os
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from gkcore import nn as gnn
 from gkcore.data import knowledge as K
@@ -78,6 +82,33 @@ from .pretrain_losses import PretrainLosses
 __all__ = ["GKMVLP", "REQUIRED_KEYS"]
 
 REQUIRED_KEYS = ("image", "input_ids", "attention_mask", "entity_labels", "region_boxes", "region_mask", "study_id")
+
+
+#: models holding a cached knowledge book; an optimizer step over their knowledge towers drops it
+_CACHED_BOOKS: "weakref.WeakSet[GKMVLP]" = weakref.WeakSet()
+_STEP_HOOK = None
+
+
+def _drop_books_after_step(optimizer, args, kwargs) -> None:
+    """Global optimizer step post-hook: the parameters the step updated (those with a gradient) drop the
+    cached knowledge book of every model whose knowledge towers hold one of them."""
+    if not _CACHED_BOOKS:
+        return
+    updated = {id(p) for g in optimizer.param_groups for p in g["params"] if p.grad is not None}
+    for model in list(_CACHED_BOOKS):
+        if not updated.isdisjoint(model._book[1]):
+            model.invalidate_caches()
+
+
+def _watch_optimizer_steps() -> None:
+    global _STEP_HOOK
+    if _STEP_HOOK is None:
+        _STEP_HOOK = register_optimizer_step_post_hook(_drop_books_after_step)
+
+
+def _drop_book_after_load(module: "GKMVLP", incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: the loaded weights may differ from those the book was computed with."""
+    module.invalidate_caches()
 
 
 def _tokenizer_folder(folder: Optional[str]) -> Optional[str]:
@@ -159,7 +190,8 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         for m in self.momentum_modules():
             m.requires_grad_(False)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self._book = None  # (key, prompt_feats, prompt_emb)
+        self._book = None  # (key, ids of the knowledge towers' parameters, prompt_feats, prompt_emb)
+        self.register_load_state_dict_post_hook(_drop_book_after_load)
         # ITM sampling generator, kept on the model's device (see _apply) so that the trainer saves and
         # restores its state with the other RNG states
         self.itm_generator: Optional[torch.Generator] = torch.Generator().manual_seed(int(lc.itm_seed))
@@ -231,24 +263,29 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
             emb = F.normalize(proj(cls), dim=-1)
         return cls.to(dtype), emb.to(dtype)
 
-    def _text_version(self) -> Tuple:
-        """Identity and in-place version counter of every text-tower parameter: changes whenever a weight
-        is updated in place (optimizer step, ``load_state_dict``, ``copy_``) or replaced."""
-        enc, proj = self.knowledge_towers()
-        ps = list(enc.parameters()) + list(proj.parameters())
-        return tuple((id(p), p._version) for p in ps)
-
     def knowledge_book(self, device=None, dtype=None, grad: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Entity prompt features ``(feats (E, Dt), emb (E, De))``; cached unless ``grad`` (module docstring)."""
         device = device or self.vision_proj.weight.device
         dtype = dtype or self.vision_proj.weight.dtype
         if grad:
             return self._encode_prompts(self._prompts, device, dtype, grad=True)
-        key = (self._text_version(), str(device), dtype, tuple(self._prompts))
+        enc, proj = self.knowledge_towers()
+        ids = tuple(id(p) for p in list(enc.parameters()) + list(proj.parameters()))
+        # the parameters' identity is part of the key: a copy of the model (deepcopy) computes its own book
+        key = (ids, str(device), dtype, tuple(self._prompts))
         if self._book is None or self._book[0] != key:
             feats, emb = self._encode_prompts(self._prompts, device, dtype, grad=False)
-            self._book = (key, feats.detach(), emb.detach())
-        return self._book[1], self._book[2]
+            self._book = (key, frozenset(ids), feats.detach(), emb.detach())
+            _watch_optimizer_steps()
+            _CACHED_BOOKS.add(self)
+        return self._book[2], self._book[3]
+
+    def invalidate_caches(self) -> None:
+        """Drop the cached knowledge book; the next :meth:`knowledge_book` recomputes it. Optimizer steps
+        and ``load_state_dict`` call this by themselves (module docstring); call it after changing the
+        knowledge towers' weights any other way."""
+        self._book = None
+        _CACHED_BOOKS.discard(self)
 
     # ------------------------------------------------------------------------------------- checks
     def check_batch(self, batch: Dict) -> int:
