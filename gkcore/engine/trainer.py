@@ -12,7 +12,8 @@ Contract with the model (any ``nn.Module`` that follows it can be trained):
   training mode. A model whose ``momentum_in_forward`` attribute is ``False`` instead gets
   ``model.momentum_update()`` called by the trainer after each optimiser step. Queues must be buffers
   (they are saved with the ``state_dict``); ``torch.Generator`` attributes of any sub-module are saved
-  and restored with the other RNG states.
+  and restored with the other RNG states, so they must exist once the model is on its device (the
+  trainer restores a state into the generator that is there, of the same device type, and makes none).
 * Caches are the model's business too: the trainer steps a plain ``torch.optim.AdamW`` (fused where
   this torch has it) and tells the model nothing else. GK-MVLP drops its knowledge-book cache through
   an optimizer step hook of its own.
@@ -192,27 +193,13 @@ def _set_rng_state(model: torch.nn.Module, st: Dict[str, Any]) -> None:
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
     gens = _generators(model)
-    mods = dict(model.named_modules())
     for k, saved in st.get("generators", {}).items():
-        dev_type, state = saved["device"], saved["state"].cpu()
         g = gens.get(k)
-        if g is None or g.device.type != dev_type:
-            # created lazily by the model (e.g. GK-MVLP's ITM sampler at its first forward): create it now,
-            # on the model's device when the types agree, so the model keeps using the restored stream
-            mname, _, attr = k.rpartition(".")
-            mod = mods.get(mname)
-            if mod is None or not hasattr(mod, attr) or (getattr(mod, attr) is not None and g is None):
-                continue
-            dev = _model_device(model)
-            g = torch.Generator(device=dev if dev.type == dev_type else dev_type)
-            setattr(mod, attr, g)
-        g.set_state(state)
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
+        if g is None or g.device.type != saved["device"]:
+            print(f"warning: the checkpoint's generator {k} ({saved['device']}) has no counterpart on the model's "
+                  f"device: not restored", file=sys.stderr)
+            continue
+        g.set_state(saved["state"].cpu())
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:

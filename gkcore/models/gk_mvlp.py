@@ -192,19 +192,27 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._book = None  # (key, ids of the knowledge towers' parameters, prompt_feats, prompt_emb)
         self.register_load_state_dict_post_hook(_drop_book_after_load)
-        # ITM sampling generator, kept on the model's device (see _apply) so that the trainer saves and
-        # restores its state with the other RNG states
-        self.itm_generator: Optional[torch.Generator] = torch.Generator().manual_seed(int(lc.itm_seed))
+        # ITM sampling generator: a module attribute, so the trainer saves and restores its state with the
+        # other RNG states; made and kept on the model's device by _itm_rng only
+        self.itm_generator: Optional[torch.Generator] = None
+        self._itm_rng()
         self.last_itm_negatives: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._prompts = list(K.entity_prompts())
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
+        self._itm_rng()
+        return out
+
+    def _itm_rng(self) -> Optional[torch.Generator]:
+        """The ITM sampler's generator, on the model's device. It is made here and nowhere else: seeded
+        with ``loss.itm_seed`` when there is none (``itm_generator = None`` restarts the stream) or when
+        the model moved to another device type (None while the model is on the meta device)."""
         dev = self.vision_proj.weight.device
         g = self.itm_generator
         if dev.type != "meta" and (g is None or g.device.type != dev.type):
-            self.itm_generator = torch.Generator(device=dev).manual_seed(int(self.config.loss.itm_seed))
-        return out
+            g = self.itm_generator = torch.Generator(device=dev).manual_seed(int(self.config.loss.itm_seed))
+        return g
 
     # ------------------------------------------------------------------------------------- momentum
     def momentum_modules(self) -> List[nn.Module]:

@@ -43,14 +43,13 @@ class PretrainLosses:
                          study: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """ITM hard negatives: ``(neg_text_for_image (B,), neg_image_for_text (B,))`` drawn by
         ``sample_hard_negatives`` from the (B, D) ITC features with ``group_ids=study`` (same-study pairs are
-        never negatives), with ``self.itm_generator`` (seeded with ``loss.itm_seed``, saved by the trainer)
-        and the backend ``loss.itm_sampler_backend`` (None = the model's backend)."""
-        dev = img_feat.device
-        if self.itm_generator is None or self.itm_generator.device.type != dev.type:
-            self.itm_generator = torch.Generator(device=dev).manual_seed(int(self.config.loss.itm_seed))
+        never negatives), with ``self.itm_generator`` (on the model's device, where the features must be;
+        seeded with ``loss.itm_seed``, saved by the trainer) and the backend ``loss.itm_sampler_backend``
+        (None = the model's backend)."""
         be = self.config.loss.itm_sampler_backend or self.backend
-        neg_t, neg_i = GF.sample_hard_negatives(img_feat, txt_feat, self._itc_scale().to(dev, img_feat.dtype), group_ids=study,
-                          generator=self.itm_generator, backend=be)
+        scale = self._itc_scale().to(img_feat.device, img_feat.dtype)
+        neg_t, neg_i = GF.sample_hard_negatives(img_feat, txt_feat, scale, group_ids=study, generator=self._itm_rng(),
+                                                backend=be)
         self.last_itm_negatives = (neg_t, neg_i)
         return neg_t, neg_i
 
