@@ -31,7 +31,8 @@ Schedule, with ``s`` the number of completed optimiser steps, ``W`` warm-up step
     lr(s) = lr * (s + 1) / W                                            for s < W
     lr(s) = lr * (m + (1 - m) * (1 + cos(pi * (s - W) / (T - W))) / 2)    otherwise (m = min_lr_ratio)
 
-and, when ``TrainConfig.alpha`` is set, the ITC soft-target weight ``alpha(s) = alpha * min(1, (s + 1) / alpha_ramp_steps)`` (ALBEF's ramp).
+The ITC soft-target weight ``alpha`` is the model's own schedule (GK-MVLP: ALBEF's ramp,
+``loss.alpha_warmup_steps``); ``TrainConfig.alpha`` set passes that constant as ``model(batch, alpha=a)``.
 
 Checkpoint files are ``torch.save`` dicts written to ``<name>.tmp-<pid>`` in the same folder, flushed
 and fsync-ed, then ``os.replace``-d onto ``<name>``: a crash never leaves a torn checkpoint.
@@ -83,7 +84,6 @@ class TrainConfig:
     clip_grad: float = 5.0         #: max global gradient norm; <= 0 disables clipping
     amp: str = "auto"              #: "auto" (bf16 on CUDA, off on CPU), "bf16", "off"
     alpha: Optional[float] = None  #: ITC soft-target weight passed as ``alpha=`` (None: the model's own schedule)
-    alpha_ramp_steps: int = 0      #: linear ramp of alpha over this many steps; 0 = no ramp
     log_every: int = 10
     ckpt_every: int = 0            #: also write a checkpoint every K steps (0: only at the end / on stop)
     seed: int = 0
@@ -315,14 +315,6 @@ class Trainer:
         """Ask the loop to write a checkpoint and return after the current optimiser step."""
         self._stop = True
 
-    def alpha_at(self, step: int) -> Optional[float]:
-        c = self.config
-        if c.alpha is None:
-            return None
-        if c.alpha_ramp_steps > 0:
-            return c.alpha * min(1.0, (step + 1) / c.alpha_ramp_steps)
-        return c.alpha
-
     # ---------------------------------------------------------------- data position
     def _start_epoch(self) -> None:
         if hasattr(self.loader, "set_epoch"):
@@ -414,7 +406,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def _forward(self, batch):
-        a = self.alpha_at(self.step)
+        a = self.config.alpha
         kw = {"alpha": a} if (self._takes_alpha and a is not None) else {}
         ctx = (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16) if self._amp
                else contextlib.nullcontext())
@@ -469,8 +461,8 @@ class Trainer:
         keys = sorted(comps)
         vec = D.all_reduce_mean(torch.stack([comps[k] for k in keys]).to(self.device))
         rec = {"step": self.step, "epoch": self.epoch, "lr": lr}
-        if self.alpha_at(self.step - 1) is not None:
-            rec["alpha"] = self.alpha_at(self.step - 1)
+        if c.alpha is not None:
+            rec["alpha"] = c.alpha
         elif isinstance(out.get("alpha"), torch.Tensor) and out["alpha"].numel() == 1:
             rec["alpha"] = float(out["alpha"])  # the model's own ramp
         rec.update({k: float(v) for k, v in zip(keys, vec.tolist())})
