@@ -28,11 +28,13 @@ same whatever ``n`` is (a set of ``n`` images is a prefix of a larger set with t
 image in ten is a second view of the previous image's study (same patient, findings and report, a
 different acquisition); both carry the same ``study_id``.
 
+:class:`SynthCXR` reads such a folder as a sequence of :class:`~gkcore.data.sample.Sample` records.
 
 Modules, by role: :mod:`.labels` (label rules), :mod:`.canvas` (drawing primitives), :mod:`.anatomy` (the
-patient and the 29 region boxes), :mod:`.findings` (finding types and their drawers), :mod:`.reports` (the
-report writer), :mod:`.image` (:func:`render`), :mod:`.files` (:func:`generate` and the file layout) and
-:mod:`.dataset` (:class:`SynthCXR`).
+patient and the 29 region boxes), :mod:`.findings` (the finding types, one spec each), :mod:`.drawers` (how
+each type is drawn), :mod:`.devices` (the support devices), :mod:`.reports` (the report writer),
+:mod:`.image` (:func:`render`), :mod:`.files` (:func:`generate` and the file layout) and :mod:`.dataset`
+(:class:`SynthCXR`).
 """
 from __future__ import annotations
 

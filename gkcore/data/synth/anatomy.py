@@ -10,6 +10,8 @@ import numpy as np
 from ..knowledge import REGIONS
 from .canvas import Box, Canvas, box_union, mask_box, smoothstep
 
+SIDE = {"R": "right", "L": "left"}
+
 
 @dataclass
 class Patient:

@@ -7,7 +7,8 @@ import numpy as np
 
 from .anatomy import Anatomy, draw_patient, region_boxes
 from .canvas import Canvas, seg_dist, smooth_noise, smoothstep
-from .findings import FINDING_TYPES, Finding, apply_anatomy_findings, choose_findings, draw_device, draw_finding
+from .drawers import Finding, Scene
+from .findings import choose_findings, draw_finding, reshape_patient
 from .labels import labels_from_statements
 from .reports import write_report
 
@@ -33,18 +34,8 @@ def render(size: int, patient_seed, acq_seed, findings: Optional[Sequence[str]] 
     arng = np.random.default_rng(acq_seed)
     S = int(size)
     p = draw_patient(prng)
-    specs = choose_findings(prng)
-    if findings is not None:
-        unknown = [f for f in findings if f not in FINDING_TYPES]
-        if unknown:
-            raise ValueError(f"findings: unknown finding types {unknown}; expected names from {list(FINDING_TYPES)}")
-        frng = np.random.default_rng(prng.integers(2**63))
-        specs = [{"type": t, "side": "R" if frng.random() < 0.5 else "L", "bilateral": bool(frng.random() < 0.25),
-                  "uncertain": False, "u": float(frng.random()), "v": float(frng.random()),
-                  "w": float(frng.random())} for t in dict.fromkeys(findings)]
-    else:
-        prng.integers(2**63)  # keep the streams aligned with the forced case
-    apply_anatomy_findings(p, specs, prng)
+    choices = choose_findings(prng, findings)
+    reshape_patient(p, choices)
     an = Anatomy(p)
     scale = arng.uniform(0.93, 1.04)
     shift = (arng.normal(0, 0.015), arng.normal(0, 0.02))
@@ -87,8 +78,9 @@ def render(size: int, patient_seed, acq_seed, findings: Optional[Sequence[str]] 
     # ---- findings (drawn before the vessels so a pneumothorax can clear them)
     findings: List[Finding] = []
     vessel_block = np.zeros((S, S), bool)
-    for f in specs:
-        fd = draw_finding(f, an, cv, prng, lung_mask, boxes, vessel_block, px)
+    scene = Scene(an, cv, prng, lung_mask, boxes, vessel_block, px)
+    for c in choices:
+        fd = draw_finding(c, scene)
         if fd is not None:
             findings.append(fd)
 
@@ -186,10 +178,10 @@ def render(size: int, patient_seed, acq_seed, findings: Optional[Sequence[str]] 
             dd, _ = seg_dist(Xs, Ys, x0, y0, x1, y1)
             D[sl] += 0.24 * smoothstep(0.013, 0.008, dd)
 
-    # ---- devices drawn last (radio-opaque, over everything)
+    # ---- overlays drawn last: devices are radio-opaque, over everything
     for f in findings:
-        if f.type == "device":
-            draw_device(f, an, cv, px)
+        if f.spec.overlay is not None:
+            f.spec.overlay(f, an, cv, px)
 
     # ---- acquisition: contrast, gamma, illumination, blur, noise
     img = np.clip(D, 0.0, None)

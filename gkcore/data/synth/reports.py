@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
-from .findings import SIDE, Finding
+from .anatomy import SIDE
+from .drawers import Finding
 
 
 _DESC = {
