@@ -1,23 +1,32 @@
 """The finding types, each described once in :data:`SPECS`: its prevalence, the entities it states, where it
 is reported, how it is drawn (the anatomy change it makes, its drawer and, for focal lesions, the blob's
-parameters). :func:`choose_findings` picks a patient's findings from the table."""
+parameters), how the report phrases it and which negations it rules out. The drawer
+(:func:`draw_finding`), the report writer (:func:`~gkcore.data.synth.reports.write_report`) and the labeller
+(:func:`~gkcore.data.synth.labels.labels_from_statements`) read it. :func:`choose_findings` picks a
+patient's findings from it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .anatomy import Anatomy, Patient
 from .canvas import Canvas
-from .devices import draw_device
+from .devices import DEVICES, draw_device
 from .drawers import (LUNG, Finding, Scene, curve_spine, draw_aortic_rim, draw_atelectasis, draw_edema,
                       draw_effusion, draw_fracture, draw_hernia, draw_hila, draw_in_regions, draw_interstitial,
                       draw_lesion, draw_pleural_thickening, draw_pneumoperitoneum, draw_pneumothorax,
                       draw_scoliosis, enlarge_aorta, enlarge_heart, enlarge_hila, hyperinflate, lower_volumes,
                       place_device, raise_hemidiaphragm, widen_mediastinum)
+from .reports import (Said, Wording, say_cardiomegaly, say_cavity, say_consolidation, say_device, say_edema,
+                      say_effusion, say_elevated_hemidiaphragm, say_emphysema, say_fracture, say_granuloma,
+                      say_hernia, say_hilar_enlargement, say_interstitial, say_lesion, say_low_lung_volumes,
+                      say_pleural_thickening, say_pneumoperitoneum, say_pneumothorax, say_scoliosis,
+                      say_tortuous_aorta, say_widened_mediastinum)
 
 Drawer = Callable[[dict, "FindingSpec", Scene], Optional[Finding]]
+Sayer = Callable[[Finding, Wording], Said]
 
 
 @dataclass(frozen=True)
@@ -35,16 +44,32 @@ class Lesion:
 
 @dataclass(frozen=True)
 class FindingSpec:
-    """One finding type."""
+    """One finding type: how often it occurs, how it is drawn, what the report says about it."""
     name: str
     weight: float                # prevalence among abnormal images (each has 1-3 distinct types)
     draw: Drawer                 # draws it on the scene and returns what was drawn (None: no room for it)
+    say: Sayer                   # its FINDINGS sentence and IMPRESSION phrase (gkcore.data.synth.reports)
     entities: Tuple[str, ...]    # entities it always states
     extra: Optional[Tuple[str, float]] = None  # (entity, p): one more entity, stated when the choice's w < p
+    variants: Tuple[str, ...] = ()  # entities of which the drawer states one, first (the device kind, the bone)
     regions: Tuple[str, ...] = ()  # regions it is reported in ("{side}": its side); the drawer picks one
     lesion: Optional[Lesion] = None  # blob parameters, for draw_lesion
     reshape: Optional[Callable[[Patient, dict], None]] = None  # its change to the anatomy, before any drawing
     overlay: Optional[Callable[[Finding, Anatomy, Canvas, float], None]] = None  # drawn over the finished anatomy
+    describe: Tuple[str, ...] = ()  # noun phrases of a focal finding's sentence ("{mm}", "{cm}": its size)
+    noun: str = ""               # a focal finding's noun in the IMPRESSION
+    forbids: Tuple[str, ...] = ()  # entities the report must not deny, besides its own: parents, look-alikes
+    pathology: bool = True       # False: does not count against "no finding" (support devices)
+
+    @property
+    def all_entities(self) -> Tuple[str, ...]:
+        """Every entity a finding of this type may state."""
+        return self.variants + self.entities + ((self.extra[0],) if self.extra else ())
+
+    @property
+    def never_denied(self) -> FrozenSet[str]:
+        """Entities the report does not negate while a finding of this type is drawn."""
+        return frozenset(self.all_entities + self.forbids)
 
     def stated(self, choice: dict, variant: Optional[str] = None) -> List[str]:
         """The entities one drawn finding states: ``variant`` (the kind the drawer picked) first, then
@@ -64,48 +89,70 @@ _BOTH_LUNGS = ("right lung", "left lung")
 
 #: finding type -> its spec; the order is the order :func:`choose_findings` draws types in
 SPECS: Dict[str, FindingSpec] = {s.name: s for s in (
-    FindingSpec("cardiomegaly", 0.13, draw_in_regions, ("cardiomegaly",), regions=("cardiac silhouette",),
-                reshape=enlarge_heart),
-    FindingSpec("pleural effusion", 0.13, draw_effusion, ("pleural effusion",),
-                regions=("{side} costophrenic angle", "{side} lower lung zone", "{side} lung")),
-    FindingSpec("consolidation", 0.12, draw_lesion, ("consolidation",), extra=("pneumonia", 0.5), regions=LUNG,
-                lesion=Lesion((0.08, 0.035), irregular=0.3, soft=0.45, strength=0.4, zone=_consolidation_zone,
-                              airspace=True, mottled=True)),
-    FindingSpec("atelectasis", 0.09, draw_atelectasis, ("atelectasis",), regions=LUNG),
-    FindingSpec("pneumothorax", 0.08, draw_pneumothorax, ("pneumothorax",), regions=_APEX),
-    FindingSpec("nodule", 0.08, draw_lesion, ("nodule",), regions=LUNG,
-                lesion=Lesion((0.03, 0.012), irregular=0.05, soft=0.35, strength=0.38)),
-    FindingSpec("mass", 0.04, draw_lesion, ("mass",), regions=LUNG,
-                lesion=Lesion((0.06, 0.02), irregular=0.15, soft=0.25, strength=0.38)),
-    FindingSpec("edema", 0.06, draw_edema, ("edema",), extra=("kerley lines", 0.3), regions=LUNG),
-    FindingSpec("lung opacity", 0.06, draw_lesion, ("lung opacity",), regions=LUNG,
-                lesion=Lesion((0.08, 0.03), irregular=0.25, soft=0.8, strength=0.3, airspace=True)),
-    FindingSpec("widened mediastinum", 0.04, draw_in_regions, ("widened mediastinum",),
-                extra=("enlarged cardiomediastinum", 0.6), regions=("upper mediastinum",),
-                reshape=widen_mediastinum),
-    FindingSpec("device", 0.10, place_device, ("support devices",), overlay=draw_device),
-    FindingSpec("fracture", 0.04, draw_fracture, ("fracture",), regions=LUNG),
-    FindingSpec("elevated hemidiaphragm", 0.03, draw_in_regions, ("elevated hemidiaphragm",),
-                regions=("{side} hemidiaphragm",), reshape=raise_hemidiaphragm),
-    FindingSpec("emphysema", 0.03, draw_in_regions, ("emphysema", "hyperinflation"), regions=_BOTH_LUNGS,
-                reshape=hyperinflate),
-    FindingSpec("low lung volumes", 0.02, draw_in_regions, ("low lung volumes",), regions=_BOTH_LUNGS,
-                reshape=lower_volumes),
-    FindingSpec("scoliosis", 0.03, draw_scoliosis, ("scoliosis",), regions=("spine",), reshape=curve_spine),
-    FindingSpec("calcified granuloma", 0.03, draw_lesion, ("calcified granuloma", "granuloma"), regions=LUNG,
-                lesion=Lesion((0.014, 0.005), irregular=0.0, soft=0.3, strength=0.55)),
-    FindingSpec("hilar enlargement", 0.03, draw_hila, ("hilar enlargement",), regions=("{side} hilar structures",),
-                reshape=enlarge_hila),
-    FindingSpec("pleural thickening", 0.02, draw_pleural_thickening, ("pleural thickening",), regions=_APEX),
-    FindingSpec("pneumoperitoneum", 0.015, draw_pneumoperitoneum, ("pneumoperitoneum",),
+    FindingSpec("cardiomegaly", 0.13, draw_in_regions, say_cardiomegaly, ("cardiomegaly",),
+                regions=("cardiac silhouette",), reshape=enlarge_heart, forbids=("enlarged cardiomediastinum",)),
+    FindingSpec("pleural effusion", 0.13, draw_effusion, say_effusion, ("pleural effusion",),
+                regions=("{side} costophrenic angle", "{side} lower lung zone", "{side} lung"),
+                forbids=("hydropneumothorax",)),
+    FindingSpec("consolidation", 0.12, draw_lesion, say_consolidation, ("consolidation",), extra=("pneumonia", 0.5),
+                regions=LUNG, lesion=Lesion((0.08, 0.035), irregular=0.3, soft=0.45, strength=0.4,
+                                            zone=_consolidation_zone, airspace=True, mottled=True),
+                describe=("focal consolidation", "airspace consolidation", "patchy consolidation",
+                          "dense consolidation"), noun="consolidation", forbids=("lung opacity",)),
+    FindingSpec("atelectasis", 0.09, draw_atelectasis, say_lesion, ("atelectasis",), regions=LUNG,
+                describe=("linear atelectasis", "plate-like atelectasis", "subsegmental atelectasis",
+                          "bandlike atelectasis"), noun="atelectasis", forbids=("lung opacity",)),
+    FindingSpec("pneumothorax", 0.08, draw_pneumothorax, say_pneumothorax, ("pneumothorax",), regions=_APEX,
+                forbids=("hydropneumothorax",)),
+    FindingSpec("nodule", 0.08, draw_lesion, say_lesion, ("nodule",), regions=LUNG,
+                lesion=Lesion((0.03, 0.012), irregular=0.05, soft=0.35, strength=0.38),
+                describe=("a {mm} mm nodule", "a rounded nodule", "a small well-circumscribed nodule"), noun="nodule",
+                forbids=("mass", "lung lesion", "lung opacity")),
+    FindingSpec("mass", 0.04, draw_lesion, say_lesion, ("mass",), regions=LUNG,
+                lesion=Lesion((0.06, 0.02), irregular=0.15, soft=0.25, strength=0.38),
+                describe=("a {cm} cm mass", "a lobulated mass", "a large rounded mass"), noun="mass",
+                forbids=("nodule", "lung lesion", "lung opacity")),
+    FindingSpec("edema", 0.06, draw_edema, say_edema, ("edema",), extra=("kerley lines", 0.3), regions=LUNG,
+                forbids=("lung opacity",)),
+    FindingSpec("lung opacity", 0.06, draw_lesion, say_lesion, ("lung opacity",), regions=LUNG,
+                lesion=Lesion((0.08, 0.03), irregular=0.25, soft=0.8, strength=0.3, airspace=True),
+                describe=("hazy opacity", "ill-defined opacity", "patchy opacity", "an area of increased opacity"),
+                noun="opacity", forbids=("pneumonia",)),
+    FindingSpec("widened mediastinum", 0.04, draw_in_regions, say_widened_mediastinum, ("widened mediastinum",),
+                extra=("enlarged cardiomediastinum", 0.6), regions=("upper mediastinum",), reshape=widen_mediastinum,
+                forbids=("lymphadenopathy",)),
+    FindingSpec("device", 0.10, place_device, say_device, ("support devices",), variants=tuple(DEVICES),
+                overlay=draw_device, pathology=False),
+    FindingSpec("fracture", 0.04, draw_fracture, say_fracture, ("fracture",),
+                variants=("clavicle fracture", "rib fracture"), regions=LUNG),
+    FindingSpec("elevated hemidiaphragm", 0.03, draw_in_regions, say_elevated_hemidiaphragm,
+                ("elevated hemidiaphragm",), regions=("{side} hemidiaphragm",), reshape=raise_hemidiaphragm),
+    FindingSpec("emphysema", 0.03, draw_in_regions, say_emphysema, ("emphysema", "hyperinflation"),
+                regions=_BOTH_LUNGS, reshape=hyperinflate),
+    FindingSpec("low lung volumes", 0.02, draw_in_regions, say_low_lung_volumes, ("low lung volumes",),
+                regions=_BOTH_LUNGS, reshape=lower_volumes, forbids=("atelectasis",)),
+    FindingSpec("scoliosis", 0.03, draw_scoliosis, say_scoliosis, ("scoliosis",), regions=("spine",),
+                reshape=curve_spine),
+    FindingSpec("calcified granuloma", 0.03, draw_lesion, say_granuloma, ("calcified granuloma", "granuloma"),
+                regions=LUNG, lesion=Lesion((0.014, 0.005), irregular=0.0, soft=0.3, strength=0.55),
+                describe=("a calcified granuloma", "a small calcified granuloma"),
+                forbids=("nodule", "lung lesion", "lung opacity")),
+    FindingSpec("hilar enlargement", 0.03, draw_hila, say_hilar_enlargement, ("hilar enlargement",),
+                regions=("{side} hilar structures",), reshape=enlarge_hila, forbids=("lymphadenopathy",)),
+    FindingSpec("pleural thickening", 0.02, draw_pleural_thickening, say_pleural_thickening,
+                ("pleural thickening",), regions=_APEX),
+    FindingSpec("pneumoperitoneum", 0.015, draw_pneumoperitoneum, say_pneumoperitoneum, ("pneumoperitoneum",),
                 regions=("right hemidiaphragm", "abdomen")),
-    FindingSpec("cavity", 0.02, draw_lesion, ("cavity",), extra=("tuberculosis", 0.5), regions=LUNG,
-                lesion=Lesion((0.045, 0.015), irregular=0.1, soft=0.3, strength=0.32, zone="upper", hollow=True)),
-    FindingSpec("interstitial opacity", 0.03, draw_interstitial, ("interstitial opacity",), extra=("fibrosis", 0.5),
-                regions=LUNG),
-    FindingSpec("tortuous aorta", 0.03, draw_aortic_rim, ("tortuous aorta",), extra=("aortic calcification", 0.6),
-                regions=("aortic arch",), reshape=enlarge_aorta),
-    FindingSpec("hernia", 0.02, draw_hernia, ("hernia",), regions=("cardiac silhouette",)),
+    FindingSpec("cavity", 0.02, draw_lesion, say_cavity, ("cavity",), extra=("tuberculosis", 0.5), regions=LUNG,
+                lesion=Lesion((0.045, 0.015), irregular=0.1, soft=0.3, strength=0.32, zone="upper", hollow=True),
+                describe=("a thick-walled cavity", "a cavity"), noun="cavity",
+                forbids=("consolidation", "pneumonia", "nodule", "mass", "lung lesion", "lung opacity")),
+    FindingSpec("interstitial opacity", 0.03, draw_interstitial, say_interstitial, ("interstitial opacity",),
+                extra=("fibrosis", 0.5), regions=LUNG, forbids=("edema", "lung opacity")),
+    FindingSpec("tortuous aorta", 0.03, draw_aortic_rim, say_tortuous_aorta, ("tortuous aorta",),
+                extra=("aortic calcification", 0.6), regions=("aortic arch",), reshape=enlarge_aorta,
+                forbids=("widened mediastinum",)),
+    FindingSpec("hernia", 0.02, draw_hernia, say_hernia, ("hernia",), regions=("cardiac silhouette",)),
 )}
 
 #: finding type -> relative weight (its prevalence among abnormal images; 1-3 types per abnormal image)

@@ -1,4 +1,5 @@
-"""Entity labels from what a report states: the parent rules and the "no finding" rule."""
+"""Entity labels from what a report states: the parent rules and the "no finding" rule (which reads the finding
+types' table for what is not pathology)."""
 from __future__ import annotations
 
 from typing import Dict, Tuple
@@ -6,6 +7,8 @@ from typing import Dict, Tuple
 import numpy as np
 
 from ..knowledge import ENTITY_NAMES, entity_index
+from .devices import DEVICES
+from .findings import SPECS
 
 #: child -> (parent, whether a negated child also negates the parent): a finding also labels its parent
 #: observation (as CheXpert's hierarchy and :func:`gkcore.data.reports.label_report` do).
@@ -19,13 +22,10 @@ PARENTS: Tuple[Tuple[str, str, bool], ...] = (
     ("cardiomegaly", "enlarged cardiomediastinum", False), ("widened mediastinum", "enlarged cardiomediastinum", False),
     ("calcified granuloma", "granuloma", True), ("pleural thickening", "pleural other", False),
     ("hydropneumothorax", "pneumothorax", False), ("hydropneumothorax", "pleural effusion", False),
-    ("endotracheal tube", "support devices", False), ("central venous catheter", "support devices", False),
-    ("nasogastric tube", "support devices", False), ("pacemaker", "support devices", False),
-    ("sternotomy wires", "support devices", False), ("chest tube", "support devices", False),
+    *((kind, "support devices", False) for kind in DEVICES),  # every device kind
 )
-_DEVICE_ENTITIES = ("endotracheal tube", "central venous catheter", "nasogastric tube", "pacemaker",
-                    "sternotomy wires", "chest tube")
-_NOT_PATHOLOGY = {"no finding", "support devices", *_DEVICE_ENTITIES}
+#: entities that do not count against "no finding": those of the finding types that are not pathology
+_NOT_PATHOLOGY = {"no finding", *(e for s in SPECS.values() if not s.pathology for e in s.all_entities)}
 
 
 def labels_from_statements(statements: Dict[str, int]) -> np.ndarray:
