@@ -31,10 +31,10 @@ different acquisition); both carry the same ``study_id``.
 :class:`SynthCXR` reads such a folder as a sequence of :class:`~gkcore.data.sample.Sample` records.
 
 Modules, by role: :mod:`.labels` (label rules), :mod:`.canvas` (drawing primitives), :mod:`.anatomy` (the
-patient and the 29 region boxes), :mod:`.findings` (the finding types, one spec each), :mod:`.drawers` (how
-each type is drawn), :mod:`.devices` (the support devices), :mod:`.reports` (the report writer),
-:mod:`.image` (:func:`render`), :mod:`.files` (:func:`generate` and the file layout) and :mod:`.dataset`
-(:class:`SynthCXR`).
+patient, the 29 region boxes and the drawing of the normal anatomy), :mod:`.findings` (the finding types, one
+spec each), :mod:`.drawers` (how each type is drawn), :mod:`.devices` (the support devices), :mod:`.reports`
+(the report writer), :mod:`.image` (:func:`render`), :mod:`.files` (:func:`generate` and the file layout)
+and :mod:`.dataset` (:class:`SynthCXR`).
 """
 from __future__ import annotations
 

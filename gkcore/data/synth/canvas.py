@@ -2,19 +2,22 @@
 low-frequency noise and normalised-box helpers."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 Box = Tuple[float, float, float, float]
+ArrayOrFloat = Union[np.ndarray, float]
+Slices = Tuple[slice, slice]
 
 
-def smoothstep(e0, e1, x):
+def smoothstep(e0: ArrayOrFloat, e1: ArrayOrFloat, x: ArrayOrFloat) -> np.ndarray:
+    """0 at e0, 1 at e1 (either order), a cubic in between."""
     t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
 
 
-def seg_dist(X, Y, x0, y0, x1, y1):
+def seg_dist(X: np.ndarray, Y: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> Tuple[np.ndarray, np.ndarray]:
     """Distance of every grid point to the segment (x0,y0)-(x1,y1), and the position t in [0,1] along it."""
     dx, dy = x1 - x0, y1 - y0
     L2 = dx * dx + dy * dy + 1e-12
@@ -22,7 +25,7 @@ def seg_dist(X, Y, x0, y0, x1, y1):
     return np.hypot(X - (x0 + t * dx), Y - (y0 + t * dy)), t
 
 
-def smooth_noise(rng, shape, cells):
+def smooth_noise(rng: np.random.Generator, shape: Tuple[int, int], cells: int) -> np.ndarray:
     """Low-frequency noise (H, W) in about [-1, 1]: a (cells x cells) normal grid, bilinearly upsampled."""
     from PIL import Image
 
@@ -39,7 +42,7 @@ class Canvas:
     gives the pixel slices covering a patient-frame box so local shapes are drawn on a window only.
     """
 
-    def __init__(self, size: int, scale: float, shift: Tuple[float, float]):
+    def __init__(self, size: int, scale: float, shift: Tuple[float, float]) -> None:
         self.S = size
         self.scale, self.shift = scale, shift
         u = (np.arange(size, dtype=np.float32) + 0.5) / size
@@ -56,13 +59,15 @@ class Canvas:
         c = lambda v, s: float(np.clip((v - 0.5) * self.scale + 0.5 + s, 0.0, 1.0))  # noqa: E731
         return (c(x0, sx), c(y0, sy), c(x1, sx), c(y1, sy))
 
-    def crop(self, box: Sequence[float]):
+    def crop(self, box: Sequence[float]) -> Slices:
+        """The (rows, columns) slices of the pixels covering a patient-frame box (at least one pixel)."""
         x0, y0, x1, y1 = box
         c0, c1 = np.searchsorted(self.xs, [x0, x1])
         r0, r1 = np.searchsorted(self.ys, [y0, y1])
         return slice(int(r0), int(max(r1, r0 + 1))), slice(int(c0), int(max(c1, c0 + 1)))
 
-    def grid(self, sl):
+    def grid(self, sl: Slices) -> Tuple[np.ndarray, np.ndarray]:
+        """Patient-frame (X, Y) of the pixels in ``sl``."""
         return self.X[sl], self.Y[sl]
 
 

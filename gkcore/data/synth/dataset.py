@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List
+from typing import Iterator, List, Union
 
 import numpy as np
 
@@ -23,7 +23,7 @@ class SynthCXR:
     boxes of entities no longer in the vocabulary are dropped.
     """
 
-    def __init__(self, root: str):
+    def __init__(self, root: Union[str, os.PathLike]) -> None:
         self.root = os.fspath(root)
         meta = os.path.join(self.root, META_FILE)
         if not os.path.isfile(meta):
@@ -47,7 +47,7 @@ class SynthCXR:
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: Union[int, slice]) -> Union[Sample, List[Sample]]:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
@@ -67,7 +67,7 @@ class SynthCXR:
                       region_boxes=np.asarray(r["region_boxes"], np.float32), study_id=int(r["study_id"]),
                       finding_boxes=fb, region_mask=np.ones(len(REGIONS), bool))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):
             yield self[i]
 

@@ -55,7 +55,7 @@ class Scene:
 
 
 # ============================================================================== placement helpers
-def _pick_point(rng, mask: np.ndarray, cv: Canvas) -> Tuple[float, float]:
+def _pick_point(rng: np.random.Generator, mask: np.ndarray, cv: Canvas) -> Tuple[float, float]:
     """A random pixel of ``mask`` -> its patient-frame (x, y)."""
     idx = np.flatnonzero(mask.ravel())
     if idx.size == 0:
@@ -340,7 +340,7 @@ def draw_hernia(c: dict, spec: FindingSpec, sc: Scene) -> Finding:
 
 def draw_fracture(c: dict, spec: FindingSpec, sc: Scene) -> Finding:
     """A clavicle (v < 0.5) or posterior rib fracture. Only its place is decided here: the bones, drawn later
-    (:func:`~gkcore.data.synth.image.render`), show the gap from ``detail``."""
+    (:func:`~gkcore.data.synth.anatomy.draw_ribs_and_clavicles`), show the gap from ``detail``."""
     an, cv, p = sc.an, sc.cv, sc.an.p
     side = c["side"]
     if c["v"] < 0.5:

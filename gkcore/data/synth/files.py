@@ -18,7 +18,7 @@ FORMAT_VERSION = 1
 
 
 def _image_streams(seed: int, i: int):
-    """(patient seed, acquisition seed, study index) of image ``i``: independent of n and of the order."""
+    """(patient seed, acquisition seed) of image ``i``: independent of n and of the order."""
     return [seed, i, 0], [seed, i, 2]
 
 

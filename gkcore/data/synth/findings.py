@@ -159,7 +159,7 @@ SPECS: Dict[str, FindingSpec] = {s.name: s for s in (
 FINDING_TYPES: Dict[str, float] = {name: s.weight for name, s in SPECS.items()}
 
 
-def _choice(name: str, rng, may_hedge: bool = True) -> dict:
+def _choice(name: str, rng: np.random.Generator, may_hedge: bool = True) -> dict:
     """One finding of type ``name``: its side, whether it is bilateral and hedged, and three numbers in [0, 1)
     that vary its look (size, position, variant)."""
     side = "R" if rng.random() < 0.5 else "L"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from .anatomy import SIDE
 from .devices import DEVICES
 from .drawers import Finding
@@ -18,7 +20,7 @@ class Wording:
     """What a sentence writer needs besides the finding: the report's random stream, the finding's side as a
     word, its location phrase, and the hedges it uses when the finding is uncertain."""
 
-    def __init__(self, fd: Finding, rng):
+    def __init__(self, fd: Finding, rng: np.random.Generator) -> None:
         self.rng = rng
         self.unc = fd.uncertain
         self.side = SIDE.get(fd.side or "", "")
@@ -200,7 +202,7 @@ def say_device(fd: Finding, w: Wording) -> Said:
     return w.choose([f"Support devices: {d}.", f"Support devices in place: {d}."]), None
 
 
-def _say(fd: Finding, rng) -> Said:
+def _say(fd: Finding, rng: np.random.Generator) -> Said:
     return fd.spec.say(fd, Wording(fd, rng))
 
 
@@ -228,7 +230,7 @@ def _join(items: List[str]) -> str:
     return ", ".join(items[:-1]) + f", or {items[-1]}"
 
 
-def write_report(findings: List[Finding], rng) -> dict:
+def write_report(findings: List[Finding], rng: np.random.Generator) -> dict:
     """FINDINGS + IMPRESSION text for the drawn findings, and ``statements`` {entity: 1 | 0}: what the text
     affirms (uncertain phrasing included) or negates."""
     ch = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
