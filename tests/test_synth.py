@@ -197,6 +197,44 @@ def test_specific_findings_in_plausible_places():
                 assert _center(b)[1] > _center(_rb(boxes, "right lower lung zone"))[1]
 
 
+
+def test_finding_specs_name_known_entities_and_regions():
+    """The table every part reads: FINDING_TYPES follows it, and it names only known entities and regions."""
+    from gkcore.data.synth.findings import SPECS
+
+    assert synth.FINDING_TYPES == {name: s.weight for name, s in SPECS.items()}
+    for name, spec in SPECS.items():
+        assert spec.name == name and spec.weight > 0
+        for e in spec.all_entities + spec.forbids:
+            assert e in ENTITY_NAMES, (name, e)
+        for r in spec.regions:
+            assert {r.format(side="right"), r.format(side="left")} <= set(REGIONS), (name, r)
+        if spec.lesion is not None:  # a focal lesion: the report describes it with its spec's phrases
+            assert spec.describe and spec.regions
+
+
+@pytest.mark.parametrize("ftype", list(synth.FINDING_TYPES))
+def test_each_finding_type_follows_its_spec(ftype):
+    """A drawn finding states its spec's entities, and the report never denies what the spec forbids denying."""
+    from gkcore.data.synth.findings import SPECS
+
+    spec = SPECS[ftype]
+    n = 0
+    for k in range(3):
+        _, rec = synth.render(64, [SEED, 2000 + k, 0], [SEED, 2000 + k, 2], findings=[ftype])
+        for f in rec["findings"]:
+            n += 1
+            assert f.type == ftype and f.spec is spec
+            assert set(spec.entities) <= set(f.entities) <= set(spec.all_entities), f.entities
+            assert f.region in REGIONS
+            for e in f.entities:
+                assert rec["labels"][entity_index(e)] == 1, (e, rec["report"])
+            for e in spec.never_denied:
+                assert rec["labels"][entity_index(e)] != 0, (e, rec["report"])
+            nf = rec["labels"][entity_index("no finding")]
+            assert nf == (0 if spec.pathology else 1), rec["report"]
+    assert n >= 2
+
 def _sentences(text):
     return [x.strip().lower() for x in re.split(r"(?<!\d)[.;\n](?!\d)", text) if x.strip()]
 
