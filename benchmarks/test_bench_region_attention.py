@@ -9,7 +9,8 @@ Providers:
   masked regions removed by a ``score_mod``; forward only on the CPU (torch has no CPU backward for it);
 * ``xformers``: ``memory_efficient_attention`` over the same precomputed keys/values with an additive
   bias for the mask (GPU, when xformers is installed);
-* ``triton``: the fused kernel (pooling on chip, GPU only: on the CPU it would run in the interpreter).
+* ``triton``: the fused kernel (pooling on chip, GPU only: on the CPU it would run in the interpreter);
+* ``cpu``: the C++/OpenMP twin (pooling on the fly, online softmax; CPU only).
 
 Shapes: DESIGN §5 (B=256, P=75 queries, R=29 regions + 196 patches on a 14x14 grid, D=768 = 12 heads of
 64), a smaller (B=32) and a larger (B=512) batch; bf16 on the GPU, fp32 on the CPU; 10 % of the regions
@@ -31,7 +32,7 @@ N = GH * GW
 H, HD = 12, 64
 P, R = 75, 29
 SHAPES = {"quick": 4} if QUICK else {"small": 32, "design": 256, "large": 512}
-PROVIDERS = ["reference", "compile", "flex", "xformers", "triton"]
+PROVIDERS = ["reference", "compile", "flex", "xformers", "triton", "cpu"]
 MODES = ["forward", "backward", "full"]
 
 
@@ -121,6 +122,16 @@ def test_region_attention(benchmark, provider, shape, mode):
         fn = _flex_fn(mode)
     elif provider == "xformers":
         fn = _xformers_fn()
+    elif provider == "cpu":
+        if DEV.type != "cpu":
+            pytest.skip("the cpu backend serves CPU tensors only")
+        probe = make_inputs(1)()
+        probe = {k: probe[k] for k in ("q", "k", "v", "boxes")}
+        why = OP.backends["cpu"].not_supported_reasons(dict(probe, grid=(GH, GW)))
+        if why:
+            pytest.skip(f"cpu cannot run here: {'; '.join(why)}")
+        fn = lambda inp: region_attention(inp["q"], inp["k"], inp["v"], inp["boxes"], (GH, GW),  # noqa: E731
+                                          region_mask=inp["mask"], attend_patches=True, backend="cpu")
     else:
         if DEV.type != "cuda":
             pytest.skip("triton is benchmarked on the GPU only (on the CPU it runs in the slow interpreter)")

@@ -371,15 +371,19 @@ def _peak_extra():
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_cpu_memory_is_linear_not_quadratic():
     """ITC with a queue at M=2048, N=18432, D=256, soft targets, forward + backward: the cpu backend's peak
-    extra memory (peak RSS growth) stays under 5 % of the (M, N) fp32 logits bytes that the reference
-    materialises (several times over). The probe checks that the measurement does see a logits matrix."""
-    M, N = 2048, 18432
+    extra memory (peak RSS growth) is linear in the inputs, at most twice their (M + N) D fp32 bytes (the
+    chunked logits buffers are capped at about the inputs' size, plus the O(M D) gradient rows), and under
+    a quarter of the (M, N) fp32 logits that the reference materialises (several times over). The probe
+    checks that the measurement does see a logits matrix."""
+    M, N, D = 2048, 18432, 256
     logits_bytes = M * N * 4
+    inputs_bytes = (M + N) * D * 4
     probe, extra_cpu, loss, gsum = _peak_extra()
     assert probe > 0.9 * logits_bytes, (probe, logits_bytes)
     assert math.isfinite(loss) and loss > 0 and math.isfinite(gsum) and gsum > 0
-    assert extra_cpu < 0.05 * logits_bytes, (
-        f"cpu backend peak extra {extra_cpu / 2**20:.1f} MiB >= 5% of the logits ({logits_bytes / 2**20:.1f} MiB)")
+    assert extra_cpu < min(2 * inputs_bytes, 0.25 * logits_bytes), (
+        f"cpu backend peak extra {extra_cpu / 2**20:.1f} MiB: more than twice the inputs "
+        f"({inputs_bytes / 2**20:.1f} MiB) or a quarter of the logits ({logits_bytes / 2**20:.1f} MiB)")
 
 
 @pytest.mark.skipif(not CPU_OK, reason="gkcore._C (cpu backend) not built")
@@ -391,8 +395,13 @@ def test_opcheck_custom_ops():
     idx = torch.arange(9)
     sc = scale.detach().requires_grad_(True)
     mask = torch.rand(9, 21) < 0.3
-    torch.library.opcheck(_info_nce_fwd, (q, k.detach(), sc, idx[:0], mask, None, 0.0, 0.0, True, "cpu"))
-    loss, lse, lse_m, _ = _info_nce_fwd(q.detach(), k.detach(), sc.detach(), idx, None, qm, 0.4, 0.1, False, "cpu")
+    torch.library.opcheck(_info_nce_fwd, (q, k.detach(), sc, idx[:0], mask, None, 0.0, 0.0, True, False, "cpu"))
+    # the key side fused in the forward (eager only: its backward checks on the host that the upstream gradient
+    # is uniform, so it is not traced by AOT dispatch; torch.compile turns the fusion off)
+    torch.library.opcheck(_info_nce_fwd, (q, k, sc, idx, None, qm, 0.4, 0.1, True, True, "cpu"),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    loss, lse, lse_m, _, _ = _info_nce_fwd(q.detach(), k.detach(), sc.detach(), idx, None, qm, 0.4, 0.1, False, False,
+                                           "cpu")
     g = torch.rand(9)
     torch.library.opcheck(_info_nce_bwd, (g, q.detach(), k.detach(), sc.detach(), idx, None, qm, lse, lse_m, 0.4,
                                           0.1, True, True, "cpu"))

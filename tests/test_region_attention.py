@@ -312,15 +312,13 @@ def test_custom_op_fake_registration():
 
 
 # ------------------------------------------------------------------------------------ selection, errors
-def test_cpu_backend_is_the_reference():
-    """The CPU has no C++ twin: automatic choice and backend='cpu' run the reference."""
-    q, k, v, boxes = make()
-    inputs = {"q": q, "k": k, "v": v, "boxes": boxes, "region_mask": None, "grid": (4, 4)}
-    assert OP.select(inputs).name == "cpu"
-    mask = _mask(2, 3, "some")
-    a = region_attention(q, k, v, boxes, (4, 4), region_mask=mask, attend_patches=True, backend="cpu")
-    b = region_attention_reference(q, k, v, boxes, (4, 4), mask, True)
-    assert torch.equal(a, b)
+def test_cpu_backend_is_the_twin():
+    """On the CPU, automatic choice takes the C++ twin (not the reference) for every dtype it serves."""
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        q, k, v, boxes = make(dtype=dtype)
+        inputs = {"q": q, "k": k, "v": v, "boxes": boxes, "region_mask": None, "grid": (4, 4)}
+        assert OP.select(inputs).name == "cpu", dtype
+    assert "no C++ twin" not in OP.backends["cpu"].note
 
 
 def test_triton_refuses_unsupported_head_dims():
@@ -364,6 +362,191 @@ def test_validation_errors(bad, match):
         boxes[0, 0, 0], boxes[0, 0, 2] = 0.9, 0.1
     with pytest.raises(ValueError, match=match):
         region_attention(q, k, v, boxes, grid, region_mask=mask, scale=bad.get("scale"))
+
+
+# ------------------------------------------------------------------------------------------ cpu twin
+needs_cpu_ext = pytest.mark.skipif(bool(OP.backends["cpu"].not_supported_reasons(
+    {"q": torch.zeros(1, 1, 1, 16), "k": torch.zeros(1, 1, 1, 16), "v": torch.zeros(1, 1, 1, 16),
+     "boxes": torch.zeros(1, 1, 4), "grid": (1, 1)})), reason="gkcore._C (the C++ cpu backend) is not built")
+
+# (id, dtype, B, H, P, grid, R, head dim, attend_patches, shared q, masking)
+CPU_CASES = [
+    ("fp32-P1-R1-d16", torch.float32, 1, 1, 1, (1, 1), 1, 16, False, False, "none"),
+    ("fp32-P7-R7-d48-patches-shared", torch.float32, 2, 3, 7, (3, 5), 7, 48, True, True, "some"),
+    ("fp32-P29-R29-d64-patches", torch.float32, 2, 2, 29, (7, 7), 29, 64, True, False, "some"),
+    ("fp32-P97-R29-d80-shared", torch.float32, 2, 1, 97, (4, 6), 29, 80, False, True, "some"),
+    ("fp32-P97-R7-d96-patches-N97", torch.float32, 1, 2, 97, (1, 97), 7, 96, True, False, "none"),
+    ("fp32-P7-R29-d128-all-masked", torch.float32, 2, 1, 7, (5, 5), 29, 128, False, False, "all"),
+    ("fp32-P29-R7-d24", torch.float32, 2, 2, 29, (3, 4), 7, 24, True, False, "some"),
+    ("fp64-P7-R29-d48-patches", torch.float64, 2, 2, 7, (8, 8), 29, 48, True, True, "some"),
+    ("fp64-P29-R1-d16-all-masked-patches", torch.float64, 2, 1, 29, (2, 3), 1, 16, True, False, "all"),
+    ("bf16-P29-R29-d64-patches", torch.bfloat16, 2, 2, 29, (7, 7), 29, 64, True, False, "some"),
+    ("fp16-P7-R7-d80-shared", torch.float16, 2, 2, 7, (3, 3), 7, 80, False, True, "some"),
+]
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("case", CPU_CASES, ids=[c[0] for c in CPU_CASES])
+def test_cpu_parity(case):
+    """The C++ twin against the reference (DESIGN §4 2x rule, forward and the gradients of q, k, v): odd
+    sizes 1, 7, 29, 97, head dims 16..128 incl. 24/48/80/96, shared and per-batch queries, attend_patches
+    on/off, masked regions and fully masked items, degenerate boxes, fp32/fp64 and upcast fp16/bf16."""
+    _, dtype, B, H, P, grid, R, d, attend_patches, shared, masking = case
+    q, k, v, boxes = make(B=B, H=H, P=P, gh=grid[0], gw=grid[1], d=d, R=R, shared=shared, dtype=dtype,
+                          seed=d + P, degenerate=R >= 3)
+    _parity(q, k, v, boxes, grid=grid, attend_patches=attend_patches, region_mask=_mask(B, R, masking),
+            backend="cpu")
+
+
+@needs_cpu_ext
+def test_cpu_noncontiguous_inputs():
+    """Strided q, k, v views (as RegionCrossAttention passes them) are read in place."""
+    q, k, v, boxes = make(H=2, gh=3, gw=4, d=48, R=5, seed=5)
+    k2, v2, q2 = noncontiguous(k, dim=-1), noncontiguous(v, dim=2), noncontiguous(q, dim=1)
+    assert not (k2.is_contiguous() or v2.is_contiguous() or q2.is_contiguous())
+    _parity(q2, k2, v2, boxes, grid=(3, 4), attend_patches=True, region_mask=_mask(2, 5, "some"), backend="cpu")
+    qs, _, _, _ = make(H=2, gh=3, gw=4, d=48, R=5, seed=6, shared=True)
+    _parity(noncontiguous(qs, dim=-1), k2, v2, boxes, grid=(3, 4), backend="cpu")
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("masking", ["some", "all"])
+@pytest.mark.parametrize("attend_patches", [False, True])
+def test_cpu_masks(masking, attend_patches):
+    """Fully masked items give zeros and zero gradients without patches, never NaN."""
+    q, k, v, boxes = make(H=2, gh=3, gw=3, R=4, seed=7)
+    mask = _mask(2, 4, masking)
+    _parity(q, k, v, boxes, grid=(3, 3), attend_patches=attend_patches, region_mask=mask, backend="cpu")
+    qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = region_attention(qq, kk, vv, boxes, (3, 3), region_mask=mask, attend_patches=attend_patches, backend="cpu")
+    out.backward(torch.randn_like(out))
+    assert all(torch.isfinite(t).all() for t in (out, qq.grad, kk.grad, vv.grad))
+    if masking == "all" and not attend_patches:
+        assert out.abs().max() == 0 and qq.grad.abs().max() == 0 and kk.grad.abs().max() == 0
+        assert vv.grad.abs().max() == 0
+    else:
+        assert out.abs().max() > 0 and kk.grad.abs().max() > 0
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("output_size,sampling_ratio,aligned", [(2, 2, True), (1, 0, True), (3, 1, False), (7, 2, True)])
+def test_cpu_roi_options(output_size, sampling_ratio, aligned):
+    q, k, v, boxes = make(H=1, gh=5, gw=4, R=6, d=16, seed=13, degenerate=True)
+    _parity(q, k, v, boxes, grid=(5, 4), output_size=output_size, sampling_ratio=sampling_ratio, aligned=aligned,
+            scale=0.3, attend_patches=True, backend="cpu")
+
+
+@needs_cpu_ext
+def test_cpu_boxes_outside_the_grid():
+    """Boxes entirely outside [0, 1] (every sample more than a cell away pools to zero keys) and on the border."""
+    q, k, v, boxes = make(H=2, gh=4, gw=4, R=4, d=16, seed=17)
+    boxes[:, 0] = torch.tensor([1.5, 1.5, 2.0, 2.0])
+    boxes[:, 1] = torch.tensor([-2.0, -1.0, -1.5, -0.5])
+    boxes[:, 2] = torch.tensor([0.9, 0.0, 1.3, 0.2])
+    _parity(q, k, v, boxes, grid=(4, 4), backend="cpu")
+    _parity(q, k, v, boxes, grid=(4, 4), attend_patches=True, region_mask=_mask(2, 4, "some"), backend="cpu")
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("attend_patches", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_weights(attend_patches, dtype):
+    """return_weights: (B, H, P, R [+ N]) equal to the float64 reference, detached, exact zeros for masked
+    regions and fully masked rows; the output does not change when the weights are written."""
+    q, k, v, boxes = make(H=2, gh=3, gw=3, R=3, P=7, d=48, seed=19, dtype=dtype)
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    with poison_outputs():
+        out, w = region_attention(q, k, v, boxes, (3, 3), region_mask=mask, attend_patches=attend_patches,
+                                  return_weights=True, backend="cpu")
+    d64 = lambda t: t.detach().double()  # noqa: E731
+    out_r, w_r = region_attention_reference(d64(q), d64(k), d64(v), d64(boxes), (3, 3), mask, attend_patches,
+                                            return_weights=True)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert w.shape == (2, 2, 7, 3 + (9 if attend_patches else 0)) and w.dtype == dtype and not w.requires_grad
+    torch.testing.assert_close(w.double(), w_r, atol=tol, rtol=tol)
+    torch.testing.assert_close(out.double(), out_r, atol=tol, rtol=tol)
+    assert w[:, :, :, 1].abs().max() == 0
+    if not attend_patches:
+        assert w[1].abs().max() == 0
+    torch.testing.assert_close(w.sum(-1)[0], torch.ones(2, 7, dtype=dtype))
+    out2 = region_attention(q, k, v, boxes, (3, 3), region_mask=mask, attend_patches=attend_patches, backend="cpu")
+    assert torch.equal(out, out2)
+
+
+@needs_cpu_ext
+def test_cpu_backward_deterministic():
+    """Two backward passes give bitwise equal gradients (fixed summation order, no atomics)."""
+    q, k, v, boxes = make(B=3, H=2, P=29, gh=5, gw=5, R=7, d=48, seed=23, shared=True)
+    grads = []
+    for _ in range(2):
+        qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        out = region_attention(qq, kk, vv, boxes, (5, 5), attend_patches=True, backend="cpu")
+        out.backward(torch.ones_like(out))
+        grads.append([qq.grad, kk.grad, vv.grad])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@needs_cpu_ext
+def test_cpu_matches_naive_float64():
+    """Independent check of the twin (not through the reference): the loop-based float64 definition."""
+    q, k, v, boxes = make(H=2, gh=4, gw=4, R=4, d=16, dtype=torch.float64, seed=3, degenerate=True)
+    mask = _mask(2, 4, "some")
+    for ap in (False, True):
+        out, w = region_attention(q, k, v, boxes, (4, 4), region_mask=mask, attend_patches=ap, return_weights=True,
+                                  backend="cpu")
+        exp_out, exp_w = naive(q, k, v, boxes, (4, 4), mask, ap)
+        torch.testing.assert_close(out, exp_out, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(w, exp_w, atol=1e-12, rtol=1e-10)
+
+
+@needs_cpu_ext
+def test_cpu_custom_op_fake_registration():
+    from gkcore.ops.region_attention import _region_attention_fwd
+
+    q, k, v, boxes = make(H=1, gh=3, gw=3, R=3)
+    mask = _mask(2, 3, "some")
+    for dt in (torch.float32, torch.float64):
+        args = (q.detach().to(dt).requires_grad_(True), k.detach().to(dt).requires_grad_(True),
+                v.detach().to(dt).requires_grad_(True), boxes.to(dt), mask, 3, 3, True, 1, 2, True, 0.25, True, "cpu")
+        res = torch.library.opcheck(_region_attention_fwd, args,
+                                    test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        assert set(res.values()) == {"SUCCESS"}, res
+
+
+@needs_cpu_ext
+@pytest.mark.parametrize("bad,match", [
+    (dict(grid=(3, 5)), "grid_size"),
+    (dict(k_dim=3), "k must have 4 dimensions"),
+    (dict(boxes_dtype=torch.float64), "boxes dtype"),
+    (dict(nan_box=True), "boxes contain NaN"),
+    (dict(output_size=0), "output_size"),
+])
+def test_cpu_validation_errors(bad, match):
+    """Bad input raises a ValueError that names the argument before any kernel runs (backend='cpu')."""
+    q, k, v, boxes = make()
+    if "k_dim" in bad:
+        k = k[0]
+    if "boxes_dtype" in bad:
+        boxes = boxes.double()
+    if bad.get("nan_box"):
+        boxes = boxes.clone()
+        boxes[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=match):
+        region_attention(q, k, v, boxes, bad.get("grid", (4, 4)), output_size=bad.get("output_size", 1), backend="cpu")
+
+
+@needs_cpu_ext
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), H=st.integers(1, 2), P=st.sampled_from([1, 2, 7, 29, 97]), R=st.sampled_from([0, 1, 7, 29]),
+       grid=st.sampled_from([(3, 3), (2, 5), (1, 2), (7, 7), (1, 97)]), d=st.sampled_from([16, 24, 48, 80, 96]),
+       attend_patches=st.booleans(), shared=st.booleans(), masked=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_cpu_parity_hypothesis(B, H, P, R, grid, d, attend_patches, shared, masked, seed):
+    q, k, v, boxes = make(B, H, P, grid[0], grid[1], d, R, shared=shared, seed=seed)
+    mask = None
+    if masked and R:
+        mask = torch.rand(B, R, generator=torch.Generator().manual_seed(seed)) > 0.4
+    _parity(q, k, v, boxes, grid=grid, attend_patches=attend_patches, region_mask=mask, backend="cpu")
 
 
 # ------------------------------------------------------------------------------------------- AOT

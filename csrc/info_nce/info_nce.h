@@ -3,8 +3,11 @@
 //   s_ij = scale <q_i, k_j>,  t_ij = (1 - eps) ((1 - alpha) y_ij + alpha p^m_ij) + eps / N,
 //   loss_i = lse_i - sum_j t_ij s_ij   (0 for rows without a positive)
 // y from idx (M,) int64 (negative: no positive) or mask (M, N) uint8/bool (y = mask / row count).
-// Memory: per thread a (D x 64) packed query block, two (96 x 64) logit tiles and (64 x D) row
-// accumulators; the backward's key-gradient adds one (N, D) accumulator per extra thread.
+//
+// CPU part: the row-wise work on one chunk of logits. The caller (gkcore/ops/info_nce.py) walks the
+// queries in chunks, computes each chunk's (rows, N) logits with one BLAS matmul into a reused buffer
+// (never the whole (M, N) matrix), calls info_nce_rows_cpu on it, and contracts the logit gradient it
+// leaves in the buffer with BLAS: A = G K (query side), C = G^T (g q) (key side).
 #pragma once
 #include <cstdint>
 
@@ -12,26 +15,17 @@
 
 namespace gkcore {
 
-struct InfoNceShape {
-  long long M, N;  // queries, keys
-  int D;           // feature size
-  double scale, alpha, eps;
+struct InfoNceRows {
+  long long rows, N;  // rows of this chunk, keys
+  double alpha, eps;
 };
 
-// q (M, D), k (N, D), qm (M, D) or null (soft-target queries; used when alpha > 0): contiguous, dtype dt
-// (F32 or F64). Exactly one of idx / mask is non-null.
-// Writes loss (M,), lse (M,), lse_m (M,) (when qm is used) and, when A is non-null, the query-gradient
-// rows A (M, D) = sum_j (p_ij - t_ij) k_j (accumulated online, so that the backward needs no recompute).
-// All outputs are of dt and fully written.
-void info_nce_forward_cpu(DType dt, const void* q, const void* k, const void* qm, const int64_t* idx,
-                          const uint8_t* mask, const InfoNceShape& s, void* loss, void* lse, void* lse_m, void* A);
-
-// lse, lse_m from the forward; g (M,) upstream gradient per row (0 at rows without a positive); all of dt.
-// A (M, D) = sum_j (p_ij - t_ij) k_j and C (N, D) = sum_i g_i (p_ij - t_ij) q_i, each may be null; the
-// non-null ones are fully written. Deterministic for a given thread count (static schedule, fixed-order
-// reduction of the per-thread key accumulators).
-void info_nce_backward_cpu(DType dt, const void* q, const void* k, const void* qm, const int64_t* idx,
-                           const uint8_t* mask, const InfoNceShape& s, const void* lse, const void* lse_m,
-                           const void* g, void* A, void* C);
+// s (rows, N): scaled logits of the chunk, contiguous, dtype dt (F32 or F64); sm (rows, N) the soft-target
+// logits scale <qm_i, k_j> (used when alpha > 0) or null; exactly one of idx (rows,) / mask (rows, N) is
+// non-null. Writes loss (rows,), lse (rows,) and, with sm, lse_m (rows,), all of dt. With grad, s is
+// overwritten with G = p - t, the gradient of loss_i w.r.t. s_i (zero rows for rows without a positive).
+// One row per task, each reduced in a fixed order: results do not depend on the thread count.
+void info_nce_rows_cpu(DType dt, void* s, const void* sm, const int64_t* idx, const uint8_t* mask,
+                       const InfoNceRows& c, void* loss, void* lse, void* lse_m, bool grad);
 
 }  // namespace gkcore

@@ -43,28 +43,36 @@ GK_HD RoiGeom<A> roi_geom(A x0, A y0, A x1, A y1, int gh, int gw, int oh, int ow
   return g;
 }
 
+// One axis of the bilinear interpolation: the two grid lines around coordinate c on an axis of G cells
+// and their weights. Returns false when c lies outside [-1, G] (the sample contributes zero); nearer
+// coordinates are clamped to the border.
+template <typename A>
+GK_HD bool linear_corners(A c, int G, int* lo, int* hi, A* wlo, A* whi) {
+  if (c < A(-1) || c > A(G)) return false;
+  if (c <= A(0)) c = A(0);
+  int l = (int)c, h;
+  if (l >= G - 1) {
+    h = l = G - 1;
+    c = (A)l;
+  } else {
+    h = l + 1;
+  }
+  const A lw = c - A(l);
+  *lo = l;
+  *hi = h;
+  *wlo = A(1) - lw;
+  *whi = lw;
+  return true;
+}
+
 // Bilinear corners of point (y, x) on an H x W grid. Returns false when the point lies outside
 // [-1, H] x [-1, W] (it contributes zero). idx[k] are flat indices y * W + x; w[k] their weights.
 template <typename A>
 GK_HD bool bilinear(A y, A x, int H, int W, int idx[4], A w[4]) {
-  if (y < A(-1) || y > A(H) || x < A(-1) || x > A(W)) return false;
-  if (y <= A(0)) y = A(0);
-  if (x <= A(0)) x = A(0);
-  int yl = (int)y, xl = (int)x, yh, xh;
-  if (yl >= H - 1) {
-    yh = yl = H - 1;
-    y = (A)yl;
-  } else {
-    yh = yl + 1;
-  }
-  if (xl >= W - 1) {
-    xh = xl = W - 1;
-    x = (A)xl;
-  } else {
-    xh = xl + 1;
-  }
-  const A ly = y - A(yl), lx = x - A(xl);
-  const A hy = A(1) - ly, hx = A(1) - lx;
+  int yl, yh, xl, xh;
+  A hy, ly, hx, lx;
+  if (!linear_corners(y, H, &yl, &yh, &hy, &ly)) return false;
+  if (!linear_corners(x, W, &xl, &xh, &hx, &lx)) return false;
   idx[0] = yl * W + xl; w[0] = hy * hx;
   idx[1] = yl * W + xh; w[1] = hy * lx;
   idx[2] = yh * W + xl; w[2] = ly * hx;
@@ -72,11 +80,57 @@ GK_HD bool bilinear(A y, A x, int H, int W, int idx[4], A w[4]) {
   return true;
 }
 
+// Coordinate of sample i (of `grid` per bin) in bin p along one axis.
+template <typename A>
+GK_HD A sample_coord(A start, A bin, int grid, int p, int i) {
+  return start + A(p) * bin + (A(i) + A(0.5)) * bin / A(grid);
+}
+
 // Sample point (iy, ix) of bin (ph, pw).
 template <typename A>
 GK_HD void sample_point(const RoiGeom<A>& g, int ph, int pw, int iy, int ix, A* y, A* x) {
-  *y = g.start_y + A(ph) * g.bin_h + (A(iy) + A(0.5)) * g.bin_h / A(g.grid_h);
-  *x = g.start_x + A(pw) * g.bin_w + (A(ix) + A(0.5)) * g.bin_w / A(g.grid_w);
+  *y = sample_coord(g.start_y, g.bin_h, g.grid_h, ph, iy);
+  *x = sample_coord(g.start_x, g.bin_w, g.grid_w, pw, ix);
+}
+
+// RoIAlign weights factor over the two axes: the samples of the bins form a full product grid, a
+// sample is valid iff its y and its x are each in range, and its bilinear weight is wy * wx. So the
+// pooling weight of grid cell (row, col) for bins ph0 <= ph < ph1 and pw0 <= pw < pw1 is
+//   W[row * gw + col] = wy[row] * wx[col] * inv_count,
+//   wy[row] = sum over ph in [ph0, ph1), iy < grid_h of the y-weights on grid line `row` (wx likewise).
+// Writes wy (gh entries) and wx (gw entries); returns, in lo/hi, the first and one-past-last nonzero
+// row and column (lo == hi when every sample is outside).
+template <typename A>
+GK_HD void axis_weights(const RoiGeom<A>& g, int gh, int gw, int ph0, int ph1, int pw0, int pw1, A* wy, A* wx,
+                        int* row_lo, int* row_hi, int* col_lo, int* col_hi) {
+  for (int i = 0; i < gh; ++i) wy[i] = A(0);
+  for (int i = 0; i < gw; ++i) wx[i] = A(0);
+  int rlo = gh, rhi = 0, clo = gw, chi = 0;
+  for (int p = ph0; p < ph1; ++p)
+    for (int i = 0; i < g.grid_h; ++i) {
+      int l, h;
+      A wl, wh;
+      if (!linear_corners(sample_coord(g.start_y, g.bin_h, g.grid_h, p, i), gh, &l, &h, &wl, &wh)) continue;
+      wy[l] += wl;
+      wy[h] += wh;
+      rlo = l < rlo ? l : rlo;
+      rhi = h + 1 > rhi ? h + 1 : rhi;
+    }
+  for (int p = pw0; p < pw1; ++p)
+    for (int i = 0; i < g.grid_w; ++i) {
+      int l, h;
+      A wl, wh;
+      if (!linear_corners(sample_coord(g.start_x, g.bin_w, g.grid_w, p, i), gw, &l, &h, &wl, &wh)) continue;
+      wx[l] += wl;
+      wx[h] += wh;
+      clo = l < clo ? l : clo;
+      chi = h + 1 > chi ? h + 1 : chi;
+    }
+  if (rlo >= rhi || clo >= chi) rlo = rhi = clo = chi = 0;
+  *row_lo = rlo;
+  *row_hi = rhi;
+  *col_lo = clo;
+  *col_hi = chi;
 }
 
 }  // namespace gkcore

@@ -3,9 +3,12 @@ logits (see gkcore/reference/info_nce.py for the math).
 
 Backends: ``triton`` (fp32/fp16/bf16 with fp32 accumulation, online log-sum-exp over key tiles, backward
 recomputes the tiles: one row-side kernel for the query gradient, one key-side kernel for the keys'
-gradient, deterministic), ``cpu`` (C++/OpenMP, fp32/fp64, the same tiling; when the keys need no gradient,
-e.g. a momentum queue, the query gradient is accumulated online during the forward so that the backward
-does no recomputation), ``reference`` (plain torch, any device and dtype, materialises the logits).
+gradient, deterministic), ``cpu`` (fp32/fp64: the queries in chunks; each chunk's (rows, N) logits come
+from one BLAS matmul into a reused buffer holding at most about the inputs' (M + N) D elements, the row
+passes (log-sum-exp, loss, logit gradient p - t) run in C++/OpenMP, and the gradient rows are contracted
+with BLAS in the same pass: ``A`` for the queries and, for a scalar loss whose keys need a gradient,
+``C`` for the keys, held until the backward scales them; otherwise the backward recomputes the chunks),
+``reference`` (plain torch, any device and dtype, materialises the logits).
 
 The kernels return per-row losses (M,) (0 for rows without a positive) and per-row log-sum-exp values
 (M,) (plus those of the soft targets); the reduction is plain torch on (M,) values, so one backward
@@ -112,14 +115,52 @@ def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
     return like.new_empty((0,), dtype=dtype or like.dtype)
 
 
+#: cpu backend: the (rows, N) logits buffers of a chunk hold at most about this many elements per
+#: element of the inputs ((M + N) D): extra memory stays O((M + N) D), never O(M N).
+_CPU_BUFFER_PER_INPUT = 1.0
+_CPU_MIN_BUFFER = 1 << 16
+
+
+def _cpu_rows(M: int, N: int, D: int, soft: bool) -> int:
+    budget = max(int(_CPU_BUFFER_PER_INPUT * (M + N) * D), _CPU_MIN_BUFFER)
+    return max(1, min(max(M, 1), budget // (max(N, 1) * (2 if soft else 1))))
+
+
+def _cpu_chunks(query, keys, scale, sq, idx, mask, alpha, eps, loss, lse, lse_m, grad):
+    """Yields (r0, n, G) per chunk of queries after the C++ row pass: G (n, N) is the logit gradient
+    p - t of the chunk (when ``grad``), in a buffer reused by the next chunk. Fills loss, lse, lse_m."""
+    M, D = query.shape
+    N = keys.shape[0]
+    C, code = _ext.ext(), _ext.dtype_code(query.dtype)
+    rows = _cpu_rows(M, N, D, sq is not None)
+    sc = float(scale)
+    kt = keys.t()
+    buf = torch.empty((rows, N), dtype=query.dtype)
+    bufm = torch.empty((rows, N), dtype=query.dtype) if sq is not None else None
+    qs = query * sc
+    qms = sq * sc if sq is not None else None
+    for r0 in range(0, M, rows):
+        n = min(rows, M - r0)
+        z = torch.mm(qs[r0:r0 + n], kt, out=buf[:n])
+        zm = torch.mm(qms[r0:r0 + n], kt, out=bufm[:n]) if qms is not None else None
+        C.info_nce_rows_cpu(code, z.data_ptr(), _ptr(zm), idx[r0:].data_ptr() if mask is None else 0,
+                            mask[r0:].data_ptr() if mask is not None else 0, n, N, float(alpha), float(eps),
+                            loss[r0:].data_ptr(), lse[r0:].data_ptr(), lse_m[r0:].data_ptr() if zm is not None else 0,
+                            grad)
+        yield r0, n, z
+
+
 @torch.library.custom_op("gkcore::info_nce_fwd", mutates_args=())
 def _info_nce_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor,
                   mask: Optional[torch.Tensor], soft_query: Optional[torch.Tensor], alpha: float, eps: float,
-                  fuse_dq: bool, impl: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (loss (M,), lse (M,), soft lse (M,) or (0,), A (M, D) or (0,)) in the accumulation dtype.
+                  fuse_dq: bool, fuse_dk: bool,
+                  impl: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (loss (M,), lse (M,), soft lse (M,) or (0,), A (M, D) or (0,), C1 (N, D) or (0,)) in the
+    accumulation dtype.
 
     ``idx`` (M,) int64 positive index per row (negative: none) or (0,) when ``mask`` (M, N) bool is given.
-    ``A`` is computed only with ``fuse_dq`` (cpu backend)."""
+    ``A`` is computed only with ``fuse_dq`` and ``C1 = sum_i (p_ij - t_ij) q_i`` (C for a unit upstream
+    gradient) only with ``fuse_dk`` (cpu backend)."""
     query, keys = query.contiguous(), keys.contiguous()
     M, D = query.shape
     N = keys.shape[0]
@@ -133,13 +174,21 @@ def _info_nce_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, 
     lse = new_output((M,), dtype=acc, device=dev)
     lse_m = new_output((M,), dtype=acc, device=dev) if soft else _empty(query, acc)
     A = new_output((M, D), dtype=acc, device=dev) if fuse_dq else _empty(query, acc)
+    C1 = new_output((N, D), dtype=acc, device=dev) if fuse_dk else _empty(query, acc)
     if M == 0:
-        return loss, lse, lse_m, A
+        return loss, lse, lse_m, A, C1.zero_()
     if impl == "cpu":
-        _ext.ext().info_nce_forward_cpu(_ext.dtype_code(query.dtype), query.data_ptr(), keys.data_ptr(), _ptr(sq),
-                                        _ptr(idx if mask is None else None), _ptr(mask), float(scale),
-                                        float(alpha), float(eps), loss.data_ptr(), lse.data_ptr(),
-                                        _ptr(lse_m if soft else None), _ptr(A if fuse_dq else None), M, N, D)
+        first = True
+        for r0, n, G in _cpu_chunks(query, keys, scale, sq, idx, mask.view(torch.uint8) if mask is not None else None,
+                                    alpha, eps, loss, lse, lse_m, fuse_dq or fuse_dk):
+            if fuse_dq:
+                torch.mm(G, keys, out=A[r0:r0 + n])
+            if fuse_dk:
+                if first:
+                    torch.mm(G.t(), query[r0:r0 + n], out=C1)
+                else:
+                    C1.addmm_(G.t(), query[r0:r0 + n])
+            first = False
     elif impl == "triton":
         from gkcore.kernels.info_nce import info_nce_forward
 
@@ -147,16 +196,18 @@ def _info_nce_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, 
                          loss, lse, lse_m if soft else None)
     else:
         raise ValueError(f"unknown info_nce implementation {impl!r}")
-    return loss, lse, lse_m, A
+    return loss, lse, lse_m, A, C1
 
 
 @_info_nce_fwd.register_fake
-def _(query, keys, scale, idx, mask, soft_query, alpha, eps, fuse_dq, impl):
+def _(query, keys, scale, idx, mask, soft_query, alpha, eps, fuse_dq, fuse_dk, impl):
     M, D = query.shape
+    N = keys.shape[0]
     acc = _acc_dtype(query.dtype)
     soft = soft_query is not None and alpha > 0.0
     return (query.new_empty((M,), dtype=acc), query.new_empty((M,), dtype=acc),
-            query.new_empty((M,) if soft else (0,), dtype=acc), query.new_empty((M, D) if fuse_dq else (0,), dtype=acc))
+            query.new_empty((M,) if soft else (0,), dtype=acc), query.new_empty((M, D) if fuse_dq else (0,), dtype=acc),
+            query.new_empty((N, D) if fuse_dk else (0,), dtype=acc))
 
 
 @torch.library.custom_op("gkcore::info_nce_bwd", mutates_args=())
@@ -181,10 +232,20 @@ def _info_nce_bwd(g: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, scal
     if M == 0:
         return (A if A is not None else _empty(query, acc), C.zero_() if C is not None else _empty(query, acc))
     if impl == "cpu":
-        _ext.ext().info_nce_backward_cpu(_ext.dtype_code(query.dtype), query.data_ptr(), keys.data_ptr(), _ptr(sq),
-                                         _ptr(idx if mask is None else None), _ptr(mask), float(scale), float(alpha),
-                                         float(eps), lse.data_ptr(), _ptr(lse_m if soft else None), g.data_ptr(),
-                                         _ptr(A), _ptr(C), M, N, D)
+        # recompute each chunk's logits and logit gradient (the recompute's loss / lse are scratch)
+        scratch = [torch.empty((M,), dtype=acc) for _ in range(3)]
+        gq = query * g[:, None].to(query.dtype) if need_c else None
+        first = True
+        for r0, n, G in _cpu_chunks(query, keys, scale, sq, idx, mask.view(torch.uint8) if mask is not None else None,
+                                    alpha, eps, *scratch, True):
+            if A is not None:
+                torch.mm(G, keys, out=A[r0:r0 + n])
+            if C is not None:
+                if first:
+                    torch.mm(G.t(), gq[r0:r0 + n], out=C)
+                else:
+                    C.addmm_(G.t(), gq[r0:r0 + n])
+            first = False
     elif impl == "triton":
         from gkcore.kernels.info_nce import info_nce_backward
 
@@ -205,28 +266,39 @@ def _(g, query, keys, scale, idx, mask, soft_query, lse, lse_m, alpha, eps, need
 
 
 def _setup_context(ctx, inputs, output):
-    query, keys, scale, idx, mask, soft_query, alpha, eps, fuse_dq, impl = inputs
-    _, lse, lse_m, A = output
-    ctx.save_for_backward(query, keys, scale, idx, mask, soft_query, lse, lse_m, A)
-    ctx.meta = (alpha, eps, fuse_dq, impl)
+    query, keys, scale, idx, mask, soft_query, alpha, eps, fuse_dq, fuse_dk, impl = inputs
+    _, lse, lse_m, A, C1 = output
+    ctx.save_for_backward(query, keys, scale, idx, mask, soft_query, lse, lse_m, A, C1)
+    ctx.meta = (alpha, eps, fuse_dq, fuse_dk, impl)
 
 
-def _backward(ctx, grad_loss, grad_lse, grad_lse_m, grad_A):
-    query, keys, scale, idx, mask, soft_query, lse, lse_m, A = ctx.saved_tensors
-    alpha, eps, fuse_dq, impl = ctx.meta
+def _backward(ctx, grad_loss, grad_lse, grad_lse_m, grad_A, grad_C1):
+    query, keys, scale, idx, mask, soft_query, lse, lse_m, A, C1 = ctx.saved_tensors
+    alpha, eps, fuse_dq, fuse_dk, impl = ctx.meta
     need_q, need_k, need_s = (bool(ctx.needs_input_grad[i]) for i in range(3))
     if grad_loss is None or not (need_q or need_k or need_s):
-        return (None,) * 10
+        return (None,) * 11
     acc = grad_loss.dtype
     valid = mask.any(dim=1) if mask is not None else idx >= 0
     g = torch.where(valid, grad_loss, torch.zeros((), dtype=acc, device=grad_loss.device))
-    if not fuse_dq or need_k:
-        A2, C = _info_nce_bwd(g, query, keys, scale, idx, mask, soft_query, lse, lse_m, alpha, eps,
-                              (need_q or need_s) and not fuse_dq, need_k, impl)
-        if not fuse_dq:
+    C = None
+    if need_k and fuse_dk:
+        # C1 is the key gradient for a unit upstream gradient: it serves when every row that has a positive
+        # gets the same upstream gradient (a 'mean' or 'sum' loss), otherwise recompute
+        gv = g[valid]
+        if gv.numel() == 0:
+            C = torch.zeros_like(C1)
+        elif bool((gv == gv[0]).all()):
+            C = C1 * gv[0]
+    need_a = (need_q or need_s) and not fuse_dq
+    need_c = need_k and C is None
+    if need_a or need_c:
+        A2, C2 = _info_nce_bwd(g, query, keys, scale, idx, mask, soft_query, lse, lse_m, alpha, eps, need_a, need_c,
+                               impl)
+        if need_a:
             A = A2
-    else:
-        C = None
+        if need_c:
+            C = C2
     sc = scale.detach().to(acc)
     dq = dk = ds = None
     if need_q:
@@ -235,7 +307,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_lse_m, grad_A):
         ds = torch.linalg.vecdot(A, query.to(acc)).mul(g).sum().to(scale.dtype).reshape(scale.shape)
     if need_k:
         dk = (C * sc).to(keys.dtype)
-    return (dq, dk, ds) + (None,) * 7
+    return (dq, dk, ds) + (None,) * 8
 
 
 _info_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -265,10 +337,13 @@ def _kernel_fn(impl: str):
             scale_t = torch.tensor(float(scale), dtype=acc, device=query.device)
         sq = soft_query if alpha > 0.0 else None
         grad_on = torch.is_grad_enabled()
-        # cpu: accumulate the query-gradient rows online in the forward when the keys need no gradient
-        fuse = (impl == "cpu" and grad_on and (query.requires_grad or scale_t.requires_grad)
-                and not keys.requires_grad)
-        loss, _, _, _ = _info_nce_fwd(query, keys, scale_t, idx, mask, sq, float(alpha), float(eps), fuse, impl)
+        # cpu: contract the gradient rows in the forward, from the same logits chunks (no recompute in the
+        # backward): the query side whenever the query or the scale needs a gradient and the key side for a
+        # scalar loss (one upstream gradient for every row) whose keys need one
+        cpu_grad = impl == "cpu" and grad_on and not is_compiling()
+        fuse_dq = cpu_grad and (query.requires_grad or scale_t.requires_grad)
+        fuse_dk = cpu_grad and keys.requires_grad and reduction != "none"
+        loss = _info_nce_fwd(query, keys, scale_t, idx, mask, sq, float(alpha), float(eps), fuse_dq, fuse_dk, impl)[0]
         if reduction == "none":
             return loss.to(dt)
         total = loss.sum()
@@ -309,7 +384,7 @@ OP.register(Backend("triton", _kernel_fn("triton"), devices=_tri_dev, explicit_o
                     dtypes=(torch.float32, torch.float16, torch.bfloat16), dtype_args=("query",),
                     availability=_triton.triton_unavailable, check=_triton_check))
 OP.register(Backend("cpu", _kernel_fn("cpu"), devices=("cpu",), dtypes=(torch.float32, torch.float64),
-                    dtype_args=("query",), availability=_ext.cpu_unavailable, check=_has("info_nce_forward_cpu")))
+                    dtype_args=("query",), availability=_ext.cpu_unavailable, check=_has("info_nce_rows_cpu")))
 OP.register(Backend("reference", _reference, devices=("cpu", "cuda"), dtype_args=("query",)))
 
 

@@ -4,7 +4,8 @@ gkcore/reference/linear_cross_entropy.py for the math).
 Backends: ``triton`` (fp32/fp16/bf16, online log-sum-exp over vocabulary tiles, backward recomputes
 the tiles, deterministic), ``cpu`` (fp32/fp64: the tokens in chunks; each chunk's (chunk, V) logits come
 from one BLAS matmul into a reused buffer of at most ``_CPU_CHUNK_ELEMS`` elements, the row-wise softcap,
-log-sum-exp, loss and logit gradient run in C++/OpenMP; for a scalar loss (``mean``/``sum``) that needs
+log-sum-exp, loss and logit gradient run in C++/OpenMP (AVX2 row passes), ignored tokens are left out of
+the matmuls; for a scalar loss (``mean``/``sum``) that needs
 gradients the forward also contracts each chunk's logit gradient with BLAS into the hidden/weight/bias
 gradients (three matmuls in all, like the reference; held until the backward scales them in place),
 otherwise the backward recomputes the chunks), ``reference`` (``F.linear`` + ``F.cross_entropy``, any device and dtype, materialises
@@ -114,16 +115,22 @@ def _lce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     V = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     if impl == "cpu":
-        loss = new_output((T,), dtype=acc, device=hidden.device)
-        lse = new_output((T,), dtype=acc, device=hidden.device)
+        sel = _live_rows(targets, ignore_index)  # ignored tokens are left out of the matmuls (loss 0)
+        hs, ys = (hidden, targets) if sel is None else (hidden.index_select(0, sel), targets.index_select(0, sel))
+        Ts = hs.shape[0]
+        loss = new_output((Ts,), dtype=acc, device=hidden.device)
+        lse = new_output((Ts,), dtype=acc, device=hidden.device)
         C, code = _ext.ext(), _ext.dtype_code(hidden.dtype)
-        rows = _cpu_chunk_rows(T, V)
+        rows = _cpu_chunk_rows(Ts, V)
         buf = torch.empty((rows, V), dtype=hidden.dtype)
-        for t0 in range(0, T, rows):
-            n = min(rows, T - t0)
-            z = _cpu_logits(hidden[t0:t0 + n], weight, bias, buf[:n])
-            C.lce_chunk_forward_cpu(code, z.data_ptr(), targets[t0:].data_ptr(), loss[t0:].data_ptr(),
+        for t0 in range(0, Ts, rows):
+            n = min(rows, Ts - t0)
+            z = _cpu_logits(hs[t0:t0 + n], weight, bias, buf[:n])
+            C.lce_chunk_forward_cpu(code, z.data_ptr(), ys[t0:].data_ptr(), loss[t0:].data_ptr(),
                                     lse[t0:].data_ptr(), n, V, ignore_index, float(label_smoothing), float(softcap))
+        if sel is not None:
+            loss = torch.zeros((T,), dtype=acc).index_copy_(0, sel, loss)
+            lse = torch.zeros((T,), dtype=acc).index_copy_(0, sel, lse)  # unused at ignored tokens
         return loss, lse
     if impl == "triton":
         from gkcore.kernels import merge_lse_splits
@@ -250,10 +257,35 @@ def _lce_fwd_grad_cpu(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional
     logits chunks gives the loss and, from the same chunk (no recompute in the backward), the gradients of
     ``sum_t loss_t`` over the non-ignored tokens. Returns loss (T,), lse (T,), dh1 (T, D), dw1 (V, D),
     db1 (V,) in the inputs' dtype; a gradient that is not needed is an empty (0,) tensor. The backward
-    scales them by the upstream gradient (uniform over the tokens for a scalar loss)."""
+    scales them by the upstream gradient (uniform over the tokens for a scalar loss). Ignored tokens are
+    left out of the matmuls (their loss and gradient rows are 0)."""
     hidden, weight = hidden.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     targets = targets.contiguous()
+    sel = _live_rows(targets, ignore_index)
+    if sel is None:
+        return _fwd_grad_rows(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, need_hidden,
+                              need_weight)
+    T, D = hidden.shape
+    loss_s, lse_s, dh_s, dw1, db1 = _fwd_grad_rows(hidden.index_select(0, sel), weight, bias,
+                                                   targets.index_select(0, sel), ignore_index, label_smoothing,
+                                                   softcap, need_hidden, need_weight)
+    loss = torch.zeros((T,), dtype=hidden.dtype).index_copy_(0, sel, loss_s)
+    lse = torch.zeros((T,), dtype=hidden.dtype).index_copy_(0, sel, lse_s)  # unused at ignored tokens
+    dh1 = torch.zeros((T, D), dtype=hidden.dtype).index_copy_(0, sel, dh_s) if need_hidden else dh_s
+    return loss, lse, dh1, dw1, db1
+
+
+def _live_rows(targets: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
+    """Indices of the tokens that are not ignored, or None when every token counts."""
+    valid = targets != ignore_index
+    if targets.numel() == 0 or bool(valid.all()):
+        return None
+    return valid.nonzero().squeeze(1)
+
+
+def _fwd_grad_rows(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, need_hidden, need_weight):
+    """The body of _lce_fwd_grad_cpu on contiguous inputs."""
     T, D = hidden.shape
     V = weight.shape[0]
     dt = hidden.dtype

@@ -6,8 +6,11 @@ See gkcore/reference/region_attention.py for the math. Backends:
   bilinear pooling weights on chip from the boxes, pools region keys/values without writing them to
   memory, runs an online softmax over [regions; patches], and a backward whose gradients are
   deterministic by construction (see kernels/region_attention.py).
-* ``cpu``: the reference on the CPU (no C++ twin: the op is two small batched matmuls plus SDPA, which
-  ATen already runs well; the backend exists so that ``backend='cpu'`` / ``GKCORE_BACKEND=cpu`` work).
+* ``cpu`` (C++/OpenMP, fp32/fp64; fp16/bf16 upcast to fp32): the same fused algorithm, one task per
+  (batch, head): region keys/values pooled from the factorised RoIAlign weights into a per-head tile,
+  online softmax over blocks of [regions; patches], register-tiled AVX2 products, and a backward that
+  recomputes the tile and owns its (b, h) gradients (fixed order, no atomics: bitwise reproducible).
+  See csrc/region_attention/.
 * ``reference`` (plain torch: ``region_pool`` + ``scaled_dot_product_attention``; any device and dtype).
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from .. import _ext
 from ..reference.region_attention import region_attention_reference
 from . import _triton
 from ._util import check_same_device, check_tensor, new_output
@@ -85,17 +89,58 @@ def _w_shape(q, k, boxes, attend_patches, return_weights):
     return (B, H, q.shape[-2], boxes.shape[1] + (N if attend_patches else 0))
 
 
+def _cpu_dtype(dt: torch.dtype) -> torch.dtype:
+    """The dtype the cpu backend computes in: float64 for float64, else float32 (fp16/bf16 upcast)."""
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def _lse_dtype(q: torch.Tensor, impl: str) -> torch.dtype:
+    return torch.float64 if impl == "cpu" and q.dtype == torch.float64 else torch.float32
+
+
+def _cpu_args(q, k, v, boxes, region_mask):
+    """Inputs of the C++ kernels: q, k, v in the compute dtype (any strides; fp16/bf16 upcast), boxes
+    contiguous in the compute dtype, the mask as contiguous uint8, and the element strides (a batch
+    stride of 0 for shared (H, P, d) queries)."""
+    cdt = _cpu_dtype(q.dtype)
+    q, k, v = (t.to(cdt) for t in (q, k, v))
+    bx = boxes.detach().to(cdt).contiguous()
+    mask = region_mask.to(torch.uint8).contiguous() if region_mask is not None else None
+    sq = (0,) + tuple(q.stride()) if q.dim() == 3 else tuple(q.stride())
+    return q, k, v, bx, mask, cdt, sq
+
+
+def _cpu_shape(q, k, boxes, gh, gw, output_size, sampling_ratio, aligned, attend_patches, scale):
+    B, H, N, d = k.shape
+    return (B, H, q.shape[-2], N, boxes.shape[1], d, gh, gw, output_size, sampling_ratio, aligned, attend_patches,
+            float(scale))
+
+
 @torch.library.custom_op("gkcore::region_attention_fwd", mutates_args=())
 def _region_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, boxes: torch.Tensor,
                           region_mask: Optional[torch.Tensor], gh: int, gw: int, attend_patches: bool,
                           output_size: int, sampling_ratio: int, aligned: bool, scale: float,
                           return_weights: bool, impl: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, N, d = k.shape
+    P = q.shape[-2]
+    if impl == "cpu":
+        qc, kc, vc, bx, mask, cdt, sq = _cpu_args(q, k, v, boxes, region_mask)
+        out = new_output((B, H, P, d), dtype=cdt, device=q.device)
+        lse = new_output((B, H, P), dtype=cdt, device=q.device)
+        w = new_output(_w_shape(q, k, boxes, attend_patches, return_weights), dtype=cdt, device=q.device)
+        _ext.ext().region_attention_forward_cpu(
+            _ext.dtype_code(cdt), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), bx.data_ptr(),
+            mask.data_ptr() if mask is not None else 0, out.data_ptr(), lse.data_ptr(),
+            w.data_ptr() if return_weights else 0,
+            *_cpu_shape(q, k, boxes, gh, gw, output_size, sampling_ratio, aligned, attend_patches, scale),
+            list(sq), list(kc.stride()), list(vc.stride()))
+        out = out.to(q.dtype)
+        lse = lse.to(_lse_dtype(q, impl))
+        return out, lse, w.to(q.dtype) if return_weights else w.to(torch.float32)
     if impl != "triton":
         raise ValueError(f"unknown region_attention implementation {impl!r}")
     from gkcore.kernels.region_attention import region_attention_forward
 
-    B, H, N, d = k.shape
-    P = q.shape[-2]
     bx = boxes.detach().to(torch.float32).contiguous()
     mask = region_mask.to(torch.int8).contiguous() if region_mask is not None else None
     out = new_output((B, H, P, d), dtype=q.dtype, device=q.device)
@@ -112,7 +157,7 @@ def _(q, k, v, boxes, region_mask, gh, gw, attend_patches, output_size, sampling
     B, H, N, d = k.shape
     P = q.shape[-2]
     w_dt = q.dtype if return_weights else torch.float32
-    return (q.new_empty((B, H, P, d)), q.new_empty((B, H, P), dtype=torch.float32),
+    return (q.new_empty((B, H, P, d)), q.new_empty((B, H, P), dtype=_lse_dtype(q, impl)),
             q.new_empty(_w_shape(q, k, boxes, attend_patches, return_weights), dtype=w_dt))
 
 
@@ -122,12 +167,29 @@ def _region_attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tens
                           lse: torch.Tensor, gh: int, gw: int, attend_patches: bool, output_size: int,
                           sampling_ratio: int, aligned: bool, scale: float,
                           impl: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, N, d = k.shape
+    P = q.shape[-2]
+    if impl == "cpu":
+        qc, kc, vc, bx, mask, cdt, sq = _cpu_args(q, k, v, boxes, region_mask)
+        do = grad_out.to(cdt).contiguous()
+        o = out.to(cdt).contiguous()
+        ls = lse.to(cdt).contiguous()
+        dq = new_output((B, H, P, d), dtype=cdt, device=q.device)
+        dk = new_output((B, H, N, d), dtype=cdt, device=q.device)
+        dv = new_output((B, H, N, d), dtype=cdt, device=q.device)
+        _ext.ext().region_attention_backward_cpu(
+            _ext.dtype_code(cdt), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), bx.data_ptr(),
+            mask.data_ptr() if mask is not None else 0, do.data_ptr(), o.data_ptr(), ls.data_ptr(), dq.data_ptr(),
+            dk.data_ptr(), dv.data_ptr(),
+            *_cpu_shape(q, k, boxes, gh, gw, output_size, sampling_ratio, aligned, attend_patches, scale),
+            list(sq), list(kc.stride()), list(vc.stride()))
+        if q.dim() == 3:  # shared queries: the per-item gradients summed over the batch in a fixed order
+            dq = dq.sum(0)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     if impl != "triton":
         raise ValueError(f"unknown region_attention implementation {impl!r}")
     from gkcore.kernels.region_attention import region_attention_backward
 
-    B, H, N, d = k.shape
-    P = q.shape[-2]
     do = grad_out.contiguous()
     delta = (do.float() * out.float()).sum(-1).contiguous()  # (B, H, P) rowsum(dO * O)
     bx = boxes.detach().to(torch.float32).contiguous()
@@ -173,13 +235,16 @@ _region_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------ backends
-def _triton_fn(q, k, v, boxes, gh, gw, region_mask, attend_patches, output_size, sampling_ratio, aligned, scale,
-               return_weights):
-    out, _lse, w = _region_attention_fwd(q, k, v, boxes.detach(), region_mask, gh, gw, attend_patches, output_size,
-                                         sampling_ratio, aligned, scale, return_weights, "triton")
-    if return_weights:
-        return out, w.detach()
-    return out
+def _kernel_fn(impl: str):
+    def run(q, k, v, boxes, gh, gw, region_mask, attend_patches, output_size, sampling_ratio, aligned, scale,
+            return_weights):
+        out, _lse, w = _region_attention_fwd(q, k, v, boxes.detach(), region_mask, gh, gw, attend_patches,
+                                             output_size, sampling_ratio, aligned, scale, return_weights, impl)
+        if return_weights:
+            return out, w.detach()
+        return out
+
+    return run
 
 
 def _reference(q, k, v, boxes, gh, gw, region_mask, attend_patches, output_size, sampling_ratio, aligned, scale,
@@ -199,11 +264,19 @@ def _triton_check(inputs):
 
 
 _tri_dev, _tri_explicit = _triton.triton_devices()
-OP.register(Backend("triton", _triton_fn, devices=_tri_dev, explicit_only_devices=_tri_explicit,
+OP.register(Backend("triton", _kernel_fn("triton"), devices=_tri_dev, explicit_only_devices=_tri_explicit,
                     dtypes=(torch.float32, torch.float16, torch.bfloat16), dtype_args=("q", "k", "v"),
                     availability=_triton.triton_unavailable, check=_triton_check))
-OP.register(Backend("cpu", _reference, devices=("cpu",), dtypes=(torch.float32, torch.float64, torch.bfloat16),
-                    dtype_args=("q",), note="the reference (region_pool + SDPA) on the CPU; no C++ twin"))
+def _cpu_check(inputs):
+    if not hasattr(_ext.ext(), "region_attention_forward_cpu"):
+        return ["gkcore._C was built without region_attention (rebuild: pip install --no-build-isolation -e .)"]
+    return []
+
+
+OP.register(Backend("cpu", _kernel_fn("cpu"), devices=("cpu",),
+                    dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16), dtype_args=("q", "k", "v"),
+                    availability=_ext.cpu_unavailable, check=_cpu_check,
+                    note="C++/OpenMP fused kernel; float16/bfloat16 computed in float32"))
 OP.register(Backend("reference", _reference, devices=("cpu", "cuda"), dtype_args=("q",)))
 
 
@@ -214,7 +287,7 @@ def region_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, boxes: t
                      aligned: bool = True, scale: Optional[float] = None, return_weights: bool = False,
                      backend: Optional[str] = None):
     """Cross-attention from queries to anatomical regions pooled from the patch grid (plus, optionally,
-    every patch), without materialising region keys and values (triton backend).
+    every patch), without materialising region keys and values (triton and cpu backends).
 
     Region keys/values are ``region_pool`` of the per-head patch keys/values: ``Kr = W k``, ``Vr = W v``
     with the RoIAlign pooling matrix ``W`` (R, N) of the boxes. Pooling is linear, so pooling projected
@@ -246,9 +319,10 @@ def region_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, boxes: t
             ``output_size**2`` bins are averaged into one key per region.
         scale: score scale, default ``d ** -0.5``.
         return_weights: also return the attention weights (B, H, P, R [+ N]) for grounding heat maps.
-            The triton backend returns them detached (not differentiable); the reference keeps the graph.
-        backend: ``None`` (automatic: triton on CUDA for supported inputs, else the reference),
-            ``'triton'``, ``'cpu'`` (the reference on the CPU) or ``'reference'``.
+            The triton and cpu backends return them detached (not differentiable); the reference keeps
+            the graph.
+        backend: ``None`` (automatic: triton on CUDA for supported inputs, the C++ twin on the CPU,
+            else the reference), ``'triton'``, ``'cpu'`` or ``'reference'``.
 
     Returns:
         ``out`` (B, H, P, d) in the dtype of q, or ``(out, weights)`` with ``return_weights``.
