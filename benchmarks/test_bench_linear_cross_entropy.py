@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from harness import QUICK, bench_case, compiled, cuda_or_cpu
+from harness import QUICK, bench_case, compiled, cuda_or_cpu, modes, peer
 
 from gkcore.functional import linear_cross_entropy
 from gkcore.ops.linear_cross_entropy import OP
@@ -27,7 +27,7 @@ else:
     T = 256 if QUICK else 1024
     DTYPES = [torch.float32]
 PROVIDERS = ["reference", "compile", "liger", "cut_cross_entropy", "cpu", "triton"]
-MODES = ["forward", "full"]
+MODES = modes(["forward", "full"])
 
 
 def make_inputs(dtype):
@@ -60,7 +60,7 @@ def _probe(name, fn, dtype):
 def _liger(dtype):
     if DEV.type != "cuda":
         pytest.skip("Liger-Kernel's fused linear cross-entropy is a GPU (triton) kernel; no CUDA device here")
-    mod = pytest.importorskip("liger_kernel.transformers", reason="Liger-Kernel (liger-kernel) is not installed")
+    mod = peer("liger_kernel.transformers", "liger-kernel")
     loss = mod.LigerFusedLinearCrossEntropyLoss()
     return _probe("Liger-Kernel", lambda inp: loss(inp["weight"], inp["hidden"], inp["targets"], inp["bias"]), dtype)
 
@@ -68,7 +68,7 @@ def _liger(dtype):
 def _cce(dtype):
     if DEV.type != "cuda":
         pytest.skip("cut-cross-entropy is a GPU (triton) kernel; no CUDA device here")
-    mod = pytest.importorskip("cut_cross_entropy", reason="cut-cross-entropy is not installed")
+    mod = peer("cut_cross_entropy", "cut-cross-entropy")
     return _probe("cut-cross-entropy",
                   lambda inp: mod.linear_cross_entropy(inp["hidden"], inp["weight"], inp["targets"], bias=inp["bias"]),
                   dtype)
