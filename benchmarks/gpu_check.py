@@ -710,6 +710,9 @@ def main(argv=None) -> int:
             ap.error(f"unknown stage(s) {bad}; known: {', '.join(ORDER)}")
     if args.stages and "env" not in args.stages:
         args.stages = ["env"] + args.stages  # the device facts and peaks belong in every result
+    if args.stages and not args.smoke and "build" not in args.stages and not _has("gkcore"):
+        # a fresh machine: without the install gkcore.kernels (the Triton kernels) does not import
+        args.stages = ["env", "build"] + [s for s in args.stages if s != "env"]
     if args.total_budget is None and args.stages and not args.smoke:
         args.total_budget = sum(BUDGETS[s][0] for s in args.stages)
     return Runner(args).run()
