@@ -366,8 +366,20 @@ class Runner:
 
     # ------------------------------------------------------------------------------- the stages
     def no_gpu(self) -> bool:
-        """Full mode on a machine without a CUDA device: nothing but the env stage makes sense."""
-        return not self.smoke and (self.res.get("env") or {}).get("cuda_available") is False
+        """Full mode on a machine without a CUDA device: nothing but the env stage makes sense (and the build
+        would reinstall the local package). Asks the driver when the env stage did not report."""
+        if self.smoke:
+            return False
+        env = self.res.get("env") or {}
+        if "cuda_available" in env:
+            return env["cuda_available"] is False
+        if not hasattr(self, "_no_gpu"):
+            try:
+                r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+                self._no_gpu = r.returncode != 0 or "GPU" not in r.stdout
+            except (OSError, subprocess.SubprocessError):
+                self._no_gpu = True
+        return self._no_gpu
 
     def run(self) -> int:
         self.log(f"gkcore GPU check ({self.res['mode']}): stages {', '.join(self.stages)}; total budget "

@@ -157,6 +157,8 @@ def stage_env(ctx: Ctx) -> int:
     except Exception as e:
         info["gkcore"] = {"error": f"{type(e).__name__}: {e}"}
     ctx.record(kind="env", **info)
+    ctx.state.update(env=info)
+    ctx.save_state()  # the build needs the arch even if the probes below are cut
 
     peaks: Dict[str, Any] = {}
     t0 = time.perf_counter()
