@@ -15,7 +15,15 @@ Use from a pytest-benchmark test::
   ``gkcore bench``, which sets ``MALLOC_MMAP_THRESHOLD_`` so freed buffers leave the RSS);
 * compares the output with ``truth(inputs)`` (the reference in float64), max absolute error;
 * records everything in ``benchmark.extra_info`` (op, provider, mode, shape, device, peak bytes, error),
-  which ``gkcore bench`` turns into its table and results JSON.
+  which ``gkcore bench`` turns into its table and results JSON;
+* adds the performance model's view (benchmarks/perf_model.py): the FLOPs and bytes the op must move,
+  the floor they imply on this machine and ``ratio_to_floor`` = median time / floor;
+* with ``GKCORE_BENCH_RECORD=<file>`` also appends each finished case to that file as one JSON line, so a
+  run that is cut short (the GPU check's time budget) keeps what it measured.
+
+Check mode (``GKCORE_BENCH_CHECK=1``, set by benchmarks/gpu_check.py): the DESIGN shapes in the
+``full`` mode only (forward only where there is no backward) and 5 timed rounds, so that the whole
+suite fits the GPU check's budget.
 
 Modes: ``forward`` (no grad), ``backward`` (only the backward of a graph rebuilt outside the timer before every call),
 ``full`` (forward + backward).
@@ -23,6 +31,7 @@ Modes: ``forward`` (no grad), ``backward`` (only the backward of a graph rebuilt
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 from typing import Any, Callable, Dict, Mapping, Optional
@@ -31,6 +40,12 @@ import pytest
 import torch
 
 QUICK = os.environ.get("GKCORE_BENCH_QUICK", "") not in ("", "0")
+CHECK = os.environ.get("GKCORE_BENCH_CHECK", "") not in ("", "0")
+
+
+def modes(default):
+    """The modes a benchmark file runs: ``default``, or ``full`` alone in check mode."""
+    return ["full"] if CHECK and "full" in default else list(default)
 
 
 def device_name(device: torch.device) -> str:
@@ -171,6 +186,7 @@ def bench_case(benchmark, *, op: str, provider: str, mode: str, shape: Mapping[s
     except torch.cuda.OutOfMemoryError as e:
         benchmark.extra_info.update(dict(op=op, provider=provider, mode=mode, shape=dict(shape),
                                          device=device_name(dev), error="out of memory"))
+        _append_record(dict(benchmark.extra_info, median_s=None))
         pytest.skip(f"{provider} ran out of memory: {e}")
 
     if setup:
@@ -185,11 +201,60 @@ def bench_case(benchmark, *, op: str, provider: str, mode: str, shape: Mapping[s
     benchmark.extra_info.update(dict(op=op, provider=provider, mode=mode, shape=dict(shape),
                                      device=device_name(dev), peak_bytes=peak, max_error=err,
                                      torch=torch.__version__))
-    n = rounds or (3 if QUICK else 10)
+    benchmark.extra_info.update(perf_fields(op, shape, mode, dev))
+    n = rounds or (3 if QUICK else 5 if CHECK else 10)
+    if CHECK:
+        n = min(n, 5)
     if setup:
         benchmark.pedantic(run, setup=setup, rounds=n, iterations=1, warmup_rounds=0)
     else:
         benchmark.pedantic(run, rounds=n, iterations=1, warmup_rounds=0)
+    finish_record(benchmark)
+
+
+def perf_fields(op: str, shape: Mapping[str, Any], mode: str, dev: torch.device) -> Dict[str, Any]:
+    """perf_model's fields for one case (empty for an op without a model; the error, if the model fails)."""
+    try:
+        import perf_model
+
+        return perf_model.annotate(op, shape, mode, dev) or {}
+    except Exception as e:  # the model must never stop a measurement
+        return {"perf_model_error": f"{type(e).__name__}: {e}"}
+
+
+def finish_record(benchmark) -> None:
+    """Add ``ratio_to_floor`` (median / floor) to ``extra_info`` and append the case to
+    ``GKCORE_BENCH_RECORD`` when set."""
+    ei = benchmark.extra_info
+    st = benchmark.stats.stats if benchmark.stats is not None else None
+    med = getattr(st, "median", None)
+    fl = ei.get("floor_s")
+    ei["ratio_to_floor"] = (med / fl) if med and fl else None
+    _append_record(dict(ei, test=getattr(benchmark, "fullname", None) or getattr(benchmark, "name", None),
+                        median_s=med, min_s=getattr(st, "min", None), mean_s=getattr(st, "mean", None),
+                        rounds=getattr(st, "rounds", None), times_s=list(getattr(st, "data", []) or [])))
+
+
+def _append_record(rec: Dict[str, Any]) -> None:
+    path = os.environ.get("GKCORE_BENCH_RECORD")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(rec, default=str) + "\n")
+
+
+def peer(module: str, package: str):
+    """Import a peer library's module, or skip the case saying why: not installed, or installed but failing
+    to import (e.g. a version that does not match this torch), with the error."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if getattr(e, "name", None) and module.startswith(e.name):
+            pytest.skip(f"{package} is not installed")
+        pytest.skip(f"{package} is installed but {module} does not import: {type(e).__name__}: {e}"[:300])
+    except Exception as e:
+        pytest.skip(f"{package} is installed but {module} does not import: {type(e).__name__}: {e}"[:300])
 
 
 def cuda_or_cpu() -> torch.device:

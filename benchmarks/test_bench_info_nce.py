@@ -1,15 +1,19 @@
-"""info_nce: reference, torch.compile(reference), cpu, triton (and Inf-CL where installed, GPU only) side
-by side, at DESIGN §5's ITC shape: queries (B, D) with a learnable temperature against
+"""info_nce: reference, torch.compile(reference), cpu, triton (and Inf-CL where installed, GPU only, hard
+labels only) side by side, at DESIGN §5's ITC shape: queries (B, D) with a learnable temperature against
 [momentum keys; queue] (no grad), hard labels (alpha 0) and momentum distillation (alpha 0.4).
 
 GPU: B=1024, queue 65536, D=256. CPU twin: B=4096, queue 16384, D=256 (N = 20480).
-Quick (GKCORE_BENCH_QUICK=1): B=256, queue 1024, D=64.
+Quick (GKCORE_BENCH_QUICK=1): B=256, queue 1024, D=64. Check mode (GKCORE_BENCH_CHECK=1): full only.
+
+Inf-CL runs through ``inf_cl.cal_flash_loss`` (the single-process path that ``cal_inf_loss`` itself takes
+without torch.distributed; ``cal_inf_loss``'s scale wrapper all-reduces the scale's gradient, which needs
+a process group). It computes in float32 whatever the input dtype.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import QUICK, bench_case, compiled, cuda_or_cpu
+from harness import QUICK, bench_case, compiled, cuda_or_cpu, modes, peer
 
 from gkcore.functional import info_nce
 from gkcore.ops.info_nce import OP
@@ -24,7 +28,7 @@ else:
     B, Q, D = 4096, 16384, 256
 N = B + Q
 PROVIDERS = ["reference", "compile", "cpu", "triton", "inf_cl"]
-MODES = ["forward", "full"]
+MODES = modes(["forward", "full"])
 DTYPE = torch.bfloat16 if DEV.type == "cuda" else torch.float32
 #: the big CPU shape takes seconds per call: fewer timed rounds there
 ROUNDS = None if (QUICK or DEV.type == "cuda") else 3
@@ -58,13 +62,14 @@ def test_info_nce_itc(benchmark, provider, alpha, mode):
     elif provider == "inf_cl":
         if DEV.type != "cuda":
             pytest.skip("Inf-CL runs on CUDA only")
-        mod = pytest.importorskip("inf_cl", reason="the inf-cl package is not installed")
+        mod = peer("inf_cl", "inf-cl")
         if alpha > 0:
             pytest.skip("Inf-CL has no soft (momentum-distillation) targets")
 
         def fn(inp):
             labels = torch.arange(B, device=DEV)
-            return mod.cal_inf_loss(inp["query"], inp["keys"], labels=labels, scale=1.0 / inp["temp"])
+            return mod.cal_flash_loss(inp["query"], inp["keys"], labels=labels, scale=1.0 / inp["temp"],
+                                      head_dim=D).mean()
     else:
         probe = make_inputs()
         why = OP.backends[provider].not_supported_reasons({"query": probe["query"], "keys": probe["keys"]})

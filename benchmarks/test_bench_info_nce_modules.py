@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import QUICK, bench_case, cuda_or_cpu
+from harness import QUICK, bench_case, cuda_or_cpu, modes, peer
 
 from gkcore.nn import ClipLoss, ITCLoss
 
@@ -40,7 +40,7 @@ else:
     ITC_SHAPES = {"small": (256, 4096), "cpu_twin": (4096, 16384)}
     CLIP_SHAPES = {"cpu": (2048, 512)}
     DTYPES = [torch.float32]
-MODES = ["forward", "full"]
+MODES = modes(["forward", "full"])
 TRUTH_MAX_LOGITS = 2 ** 28  # float64 truth only when B * N fits comfortably in host memory
 
 
@@ -66,17 +66,33 @@ def _itc_inputs(B, dtype):
     return make
 
 
+_TRUTH = {}
+
+
+def _cached(key, fn):
+    """The float64 truth of one (shape, dtype, mode): the inputs are the same for every provider."""
+    if key not in _TRUTH:
+        _TRUTH.clear()  # one at a time: at the GPU shapes each is large
+        _TRUTH[key] = fn()
+    return _TRUTH[key]
+
+
 def _itc_truth(Q, mode):
     def truth(inp):
-        m = _itc_module(Q, "reference", torch.float64).cpu()
-        v = inp["image_feat"].detach().double().cpu().requires_grad_(True)
-        t = inp["text_feat"].detach().double().cpu().requires_grad_(True)
-        loss = m(v, t, inp["image_feat_m"].double().cpu(), inp["text_feat_m"].double().cpu(), alpha=ALPHA)
-        if mode == "forward":
-            return loss.detach()
-        loss.backward()
-        return v.grad, t.grad
+        key = ("itc", Q, mode, inp["image_feat"].shape[0], inp["image_feat"].dtype)
+        return _cached(key, lambda: _itc_truth_of(inp, Q, mode))
     return truth
+
+
+def _itc_truth_of(inp, Q, mode):
+    m = _itc_module(Q, "reference", torch.float64).cpu()
+    v = inp["image_feat"].detach().double().cpu().requires_grad_(True)
+    t = inp["text_feat"].detach().double().cpu().requires_grad_(True)
+    loss = m(v, t, inp["image_feat_m"].double().cpu(), inp["text_feat_m"].double().cpu(), alpha=ALPHA)
+    if mode == "forward":
+        return loss.detach()
+    loss.backward()
+    return v.grad, t.grad
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -109,14 +125,19 @@ def _clip_inputs(B, D, dtype):
 
 def _clip_truth(mode):
     def truth(inp):
-        i = inp["image_features"].detach().double().cpu().requires_grad_(True)
-        t = inp["text_features"].detach().double().cpu().requires_grad_(True)
-        loss = ClipLoss(backend="reference")(i, t, inp["logit_scale"].double().cpu())
-        if mode == "forward":
-            return loss.detach()
-        loss.backward()
-        return i.grad, t.grad
+        key = ("clip", mode, tuple(inp["image_features"].shape), inp["image_features"].dtype)
+        return _cached(key, lambda: _clip_truth_of(inp, mode))
     return truth
+
+
+def _clip_truth_of(inp, mode):
+    i = inp["image_features"].detach().double().cpu().requires_grad_(True)
+    t = inp["text_features"].detach().double().cpu().requires_grad_(True)
+    loss = ClipLoss(backend="reference")(i, t, inp["logit_scale"].double().cpu())
+    if mode == "forward":
+        return loss.detach()
+    loss.backward()
+    return i.grad, t.grad
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -126,7 +147,7 @@ def _clip_truth(mode):
 def test_clip_loss(benchmark, provider, shape, dtype, mode):
     B, D = CLIP_SHAPES[shape]
     if provider == "open_clip":
-        oc = pytest.importorskip("open_clip.loss", reason="open_clip (open-clip-torch) not installed")
+        oc = peer("open_clip.loss", "open-clip-torch")
         m = oc.ClipLoss()
     else:
         m = ClipLoss(backend="reference" if provider == "reference" else None)

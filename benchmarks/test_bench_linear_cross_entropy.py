@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from harness import QUICK, bench_case, compiled, cuda_or_cpu
+from harness import QUICK, bench_case, compiled, cuda_or_cpu, modes, peer
 
 from gkcore.functional import linear_cross_entropy
 from gkcore.ops.linear_cross_entropy import OP
@@ -32,7 +32,7 @@ else:
     T, V, D = 4096, 30522, 384
     DTYPES = [torch.float32]
 PROVIDERS = ["reference", "compile", "liger", "cut_cross_entropy", "cpu", "triton"]
-MODES = ["forward", "full"]
+MODES = modes(["forward", "full"])
 
 
 def make_inputs(dtype):
@@ -65,7 +65,7 @@ def _probe(name, fn, dtype):
 def _liger(dtype):
     if DEV.type != "cuda":
         pytest.skip("Liger-Kernel's fused linear cross-entropy is a GPU (triton) kernel; no CUDA device here")
-    mod = pytest.importorskip("liger_kernel.transformers", reason="Liger-Kernel (liger-kernel) is not installed")
+    mod = peer("liger_kernel.transformers", "liger-kernel")
     loss = mod.LigerFusedLinearCrossEntropyLoss()
     return _probe("Liger-Kernel", lambda inp: loss(inp["weight"], inp["hidden"], inp["targets"], inp["bias"]), dtype)
 
@@ -75,7 +75,7 @@ def _cce(dtype):
     Returns (fn, has_bias): the 25.x API takes no bias, so the bias is left out there."""
     import inspect
 
-    mod = pytest.importorskip("cut_cross_entropy", reason="cut-cross-entropy is not installed")
+    mod = peer("cut_cross_entropy", "cut-cross-entropy")
     kw = {} if DEV.type == "cuda" else {"impl": "torch_compile"}
     has_bias = "bias" in inspect.signature(mod.linear_cross_entropy).parameters
     if has_bias:

@@ -3,6 +3,9 @@ the forward's error against the float64 reference.
 
 Providers:
 * ``reference``: region_pool (dense pooling matrix) + ``scaled_dot_product_attention`` with the mask;
+* ``sdpa``: ``scaled_dot_product_attention`` with the boolean mask over precomputed region keys/values
+  (``[region_pool(k); k]``, ``[region_pool(v); v]``, pooled by gkcore's region_pool, automatic backend,
+  inside the timed call): the plain-PyTorch path with fast pooling;
 * ``compile``: ``torch.compile(reference)``;
 * ``flex``: FlexAttention (compiled) over precomputed region keys/values: ``[region_pool(k); k]`` and
   ``[region_pool(v); v]`` (B, H, R + N, d) materialised by gkcore's region_pool inside the timed call,
@@ -14,12 +17,13 @@ Providers:
 
 Shapes: DESIGN §5 (B=256, P=75 queries, R=29 regions + 196 patches on a 14x14 grid, D=768 = 12 heads of
 64), a smaller (B=32) and a larger (B=512) batch; bf16 on the GPU, fp32 on the CPU; 10 % of the regions
-masked. Quick (GKCORE_BENCH_QUICK=1): B=4, one shape.
+masked. Quick (GKCORE_BENCH_QUICK=1): B=4, one shape. Check mode (GKCORE_BENCH_CHECK=1): the DESIGN shape,
+full only.
 """
 import pytest
 import torch
 
-from harness import QUICK, bench_case, compiled, cuda_or_cpu
+from harness import CHECK, QUICK, bench_case, compiled, cuda_or_cpu, modes, peer
 
 from gkcore.functional import region_attention, region_pool
 from gkcore.ops.region_attention import OP
@@ -31,9 +35,9 @@ GH = GW = 14
 N = GH * GW
 H, HD = 12, 64
 P, R = 75, 29
-SHAPES = {"quick": 4} if QUICK else {"small": 32, "design": 256, "large": 512}
-PROVIDERS = ["reference", "compile", "flex", "xformers", "triton", "cpu"]
-MODES = ["forward", "backward", "full"]
+SHAPES = {"quick": 4} if QUICK else {"design": 256} if CHECK else {"small": 32, "design": 256, "large": 512}
+PROVIDERS = ["reference", "compile", "sdpa", "flex", "xformers", "triton", "cpu"]
+MODES = modes(["forward", "backward", "full"])
 
 
 def make_inputs(B):
@@ -84,8 +88,19 @@ def _flex_fn(mode):
     return fn
 
 
+def _sdpa_fn():
+    def fn(inp):
+        keys, vals = _pooled_kv(inp)
+        B = keys.shape[0]
+        keep = torch.cat([inp["mask"], torch.ones(B, N, dtype=torch.bool, device=keys.device)], 1)
+        return torch.nn.functional.scaled_dot_product_attention(inp["q"], keys, vals,
+                                                                attn_mask=keep[:, None, None, :])
+
+    return fn
+
+
 def _xformers_fn():
-    xops = pytest.importorskip("xformers.ops", reason="xformers is not installed")
+    xops = peer("xformers.ops", "xformers")
     if DEV.type != "cuda":
         pytest.skip("xformers memory_efficient_attention needs a GPU")
 
@@ -118,6 +133,8 @@ def test_region_attention(benchmark, provider, shape, mode):
     elif provider == "compile":
         cref = compiled(lambda q, k, v, b, m: region_attention_reference(q, k, v, b, (GH, GW), m, attend_patches=True))
         fn = lambda inp: cref(inp["q"], inp["k"], inp["v"], inp["boxes"], inp["mask"])  # noqa: E731
+    elif provider == "sdpa":
+        fn = _sdpa_fn()
     elif provider == "flex":
         fn = _flex_fn(mode)
     elif provider == "xformers":

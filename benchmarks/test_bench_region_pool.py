@@ -4,7 +4,7 @@ output_size 1 and 7 (quick: B=8)."""
 import pytest
 import torch
 
-from harness import QUICK, bench_case, compiled, cuda_or_cpu
+from harness import QUICK, bench_case, compiled, cuda_or_cpu, modes, peer
 
 from gkcore.functional import region_pool
 from gkcore.ops.region_pool import OP
@@ -16,7 +16,7 @@ GH = GW = 14
 C = 768
 R = 29
 PROVIDERS = ["reference", "compile", "cpu", "cuda", "triton", "torchvision"]
-MODES = ["forward", "backward", "full"]
+MODES = modes(["forward", "backward", "full"])
 
 
 def make_inputs(dtype=torch.float32):
@@ -54,7 +54,7 @@ def test_region_pool(benchmark, provider, output_size, mode):
         cref = compiled(lambda t, b: region_pool_reference(t, b, (GH, GW), output_size))
         fn = lambda inp: cref(inp["tokens"], inp["boxes"])  # noqa: E731
     elif provider == "torchvision":
-        pytest.importorskip("torchvision")
+        peer("torchvision", "torchvision")
         fn = _tv_fn(output_size)
     else:
         probe = make_inputs()

@@ -1,7 +1,8 @@
 """``gkcore bench``: run the pytest-benchmark suite, print a side-by-side table, write results JSON.
 
 Each benchmark records op, provider, mode, shape, device, peak memory and max error against the
-float64 reference in ``extra_info`` (benchmarks/harness.py). This command runs the suite in a
+float64 reference in ``extra_info`` (benchmarks/harness.py), with the FLOPs, bytes and floor time of the
+performance model (benchmarks/perf_model.py); the table shows each time's ratio to its floor. This command runs the suite in a
 subprocess (with ``MALLOC_MMAP_THRESHOLD_`` set so that CPU peak-memory readings are faithful), then
 writes ``benchmarks/results/<device>-<date>-<commit>.json`` with the raw times of every provider.
 
@@ -66,6 +67,10 @@ def _fmt_bytes(b) -> str:
     return "-"
 
 
+#: performance-model fields copied from each benchmark's extra_info (benchmarks/perf_model.py, harness.py)
+PERF_FIELDS = ("flops", "bytes", "floor_s", "floor_bound", "ratio_to_floor", "peaks")
+
+
 def summarise(raw: dict) -> List[dict]:
     rows = []
     for b in raw.get("benchmarks", []):
@@ -75,7 +80,8 @@ def summarise(raw: dict) -> List[dict]:
                          mode=ei.get("mode", "?"), shape=ei.get("shape", {}), device=ei.get("device"),
                          median_s=st.get("median"), min_s=st.get("min"), mean_s=st.get("mean"),
                          rounds=st.get("rounds"), times_s=st.get("data"), peak_bytes=ei.get("peak_bytes"),
-                         max_error=ei.get("max_error"), test=b.get("fullname", b["name"])))
+                         max_error=ei.get("max_error"), test=b.get("fullname", b["name"]),
+                         **{k: ei.get(k) for k in PERF_FIELDS}))
     base = {}
     for r in rows:
         if r["provider"] == "reference":
@@ -87,14 +93,15 @@ def summarise(raw: dict) -> List[dict]:
 
 
 def format_table(rows: List[dict]) -> str:
-    head = ["op", "shape", "mode", "provider", "median", "vs ref", "peak mem", "max err"]
+    head = ["op", "shape", "mode", "provider", "median", "vs ref", "floor", "x floor", "peak mem", "max err"]
     body = []
     for r in sorted(rows, key=lambda r: (r["op"], json.dumps(r["shape"], sort_keys=True), r["mode"], r["provider"])):
         shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
         sp = r["speedup_vs_reference"]
         err = r["max_error"]
         body.append([r["op"], shape, r["mode"], r["provider"], _fmt_time(r["median_s"]),
-                     f"{sp:.2f}x" if sp else "-", _fmt_bytes(r["peak_bytes"]),
+                     f"{sp:.2f}x" if sp else "-", _fmt_time(r.get("floor_s")),
+                     f"{r['ratio_to_floor']:.1f}" if r.get("ratio_to_floor") else "-", _fmt_bytes(r["peak_bytes"]),
                      "-" if err is None else f"{err:.2e}"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -147,7 +154,8 @@ def run(args) -> int:
     commit = _commit(d.parent)
     result = dict(device=dev, machine=raw.get("machine_info", {}), torch=torch.__version__, triton=tv,
                   cuda=torch.version.cuda, commit=commit, quick=bool(args.quick),
-                  date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), rows=rows)
+                  date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  peaks=next((r["peaks"] for r in rows if r.get("peaks")), None), rows=rows)
     out_dir = pathlib.Path(args.out) if args.out else d / "results"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
