@@ -59,10 +59,10 @@ import numpy as np
 import torch
 
 from .io import ImageReadError, encode_png, image_size, read_image, sniff_format
+from .knowledge import NUM_REGIONS
 
 MEAN = 0.471
 STD = 0.302
-NUM_REGIONS = 29
 
 
 # ----------------------------------------------------------------------------------------------------

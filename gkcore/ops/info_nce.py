@@ -26,7 +26,7 @@ import torch
 from .. import _ext
 from ..reference.info_nce import info_nce_reference
 from . import _triton
-from ._util import check_same_device, check_tensor, is_compiling, new_output
+from ._util import acc_dtype, check_same_device, check_tensor, is_compiling, new_output, ptr
 from .registry import Backend, register_op
 
 __all__ = ["info_nce", "OP", "validate"]
@@ -35,7 +35,6 @@ OP = register_op("info_nce", "InfoNCE / contrastive loss with queue, soft target
                              "without materialising the logits")
 
 _REDUCTIONS = ("mean", "sum", "none")
-_HALF = (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -100,16 +99,15 @@ def validate(query, keys, scale, positives, soft_query, alpha, label_smoothing, 
 
 
 # ------------------------------------------------------------------------------------------- kernels
-def _acc_dtype(dt: torch.dtype) -> torch.dtype:
-    return torch.float64 if dt == torch.float64 else torch.float32
-
-
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
     return like.new_empty((0,), dtype=dtype or like.dtype)
+
+
+def _kernel_inputs(query, keys, soft_query, mask, alpha):
+    """Contiguous (query, keys, soft queries or None when unused, mask or None) and the accumulation dtype."""
+    soft = soft_query is not None and alpha > 0.0
+    return (query.contiguous(), keys.contiguous(), soft_query.contiguous() if soft else None,
+            mask.contiguous() if mask is not None else None, acc_dtype(query.dtype))
 
 
 @torch.library.custom_op("gkcore::info_nce_fwd", mutates_args=())
@@ -120,14 +118,8 @@ def _info_nce_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, 
 
     ``idx`` (M,) int64 positive index per row (negative: none) or (0,) when ``mask`` (M, N) bool is given.
     ``A`` is computed only with ``fuse_dq`` (cpu backend)."""
-    query, keys = query.contiguous(), keys.contiguous()
-    M, D = query.shape
-    N = keys.shape[0]
-    dev = query.device
-    acc = _acc_dtype(query.dtype)
-    soft = soft_query is not None and alpha > 0.0
-    sq = soft_query.contiguous() if soft else None
-    mask = mask.contiguous() if mask is not None else None
+    query, keys, sq, mask, acc = _kernel_inputs(query, keys, soft_query, mask, alpha)
+    (M, D), N, dev, soft = query.shape, keys.shape[0], query.device, sq is not None
     idx = idx.contiguous()
     loss = new_output((M,), dtype=acc, device=dev)
     lse = new_output((M,), dtype=acc, device=dev)
@@ -136,10 +128,10 @@ def _info_nce_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, 
     if M == 0:
         return loss, lse, lse_m, A
     if impl == "cpu":
-        _ext.ext().info_nce_forward_cpu(_ext.dtype_code(query.dtype), query.data_ptr(), keys.data_ptr(), _ptr(sq),
-                                        _ptr(idx if mask is None else None), _ptr(mask), float(scale),
+        _ext.ext().info_nce_forward_cpu(_ext.dtype_code(query.dtype), query.data_ptr(), keys.data_ptr(), ptr(sq),
+                                        ptr(idx if mask is None else None), ptr(mask), float(scale),
                                         float(alpha), float(eps), loss.data_ptr(), lse.data_ptr(),
-                                        _ptr(lse_m if soft else None), _ptr(A if fuse_dq else None), M, N, D)
+                                        ptr(lse_m if soft else None), ptr(A if fuse_dq else None), M, N, D)
     elif impl == "triton":
         from gkcore.kernels.info_nce import info_nce_forward
 
@@ -153,7 +145,7 @@ def _info_nce_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, 
 @_info_nce_fwd.register_fake
 def _(query, keys, scale, idx, mask, soft_query, alpha, eps, fuse_dq, impl):
     M, D = query.shape
-    acc = _acc_dtype(query.dtype)
+    acc = acc_dtype(query.dtype)
     soft = soft_query is not None and alpha > 0.0
     return (query.new_empty((M,), dtype=acc), query.new_empty((M,), dtype=acc),
             query.new_empty((M,) if soft else (0,), dtype=acc), query.new_empty((M, D) if fuse_dq else (0,), dtype=acc))
@@ -166,14 +158,8 @@ def _info_nce_bwd(g: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, scal
                   impl: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """(A (M, D), C (N, D)) in the accumulation dtype (see the module docstring); one not needed comes back
     as an empty (0,) tensor. ``g`` (M,) is the upstream gradient per row, 0 at rows without a positive."""
-    query, keys = query.contiguous(), keys.contiguous()
-    M, D = query.shape
-    N = keys.shape[0]
-    dev = query.device
-    acc = _acc_dtype(query.dtype)
-    soft = soft_query is not None and alpha > 0.0
-    sq = soft_query.contiguous() if soft else None
-    mask = mask.contiguous() if mask is not None else None
+    query, keys, sq, mask, acc = _kernel_inputs(query, keys, soft_query, mask, alpha)
+    (M, D), N, dev, soft = query.shape, keys.shape[0], query.device, sq is not None
     g = g.to(acc).contiguous()
     lse, lse_m = lse.contiguous(), lse_m.contiguous()
     A = new_output((M, D), dtype=acc, device=dev) if need_a else None
@@ -181,10 +167,10 @@ def _info_nce_bwd(g: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, scal
     if M == 0:
         return (A if A is not None else _empty(query, acc), C.zero_() if C is not None else _empty(query, acc))
     if impl == "cpu":
-        _ext.ext().info_nce_backward_cpu(_ext.dtype_code(query.dtype), query.data_ptr(), keys.data_ptr(), _ptr(sq),
-                                         _ptr(idx if mask is None else None), _ptr(mask), float(scale), float(alpha),
-                                         float(eps), lse.data_ptr(), _ptr(lse_m if soft else None), g.data_ptr(),
-                                         _ptr(A), _ptr(C), M, N, D)
+        _ext.ext().info_nce_backward_cpu(_ext.dtype_code(query.dtype), query.data_ptr(), keys.data_ptr(), ptr(sq),
+                                         ptr(idx if mask is None else None), ptr(mask), float(scale), float(alpha),
+                                         float(eps), lse.data_ptr(), ptr(lse_m if soft else None), g.data_ptr(),
+                                         ptr(A), ptr(C), M, N, D)
     elif impl == "triton":
         from gkcore.kernels.info_nce import info_nce_backward
 
@@ -199,7 +185,7 @@ def _info_nce_bwd(g: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, scal
 def _(g, query, keys, scale, idx, mask, soft_query, lse, lse_m, alpha, eps, need_a, need_c, impl):
     M, D = query.shape
     N = keys.shape[0]
-    acc = _acc_dtype(query.dtype)
+    acc = acc_dtype(query.dtype)
     return (query.new_empty((M, D) if need_a else (0,), dtype=acc),
             query.new_empty((N, D) if need_c else (0,), dtype=acc))
 
@@ -257,7 +243,7 @@ def _targets(query, positives):
 def _kernel_fn(impl: str):
     def run(query, keys, scale, positives, soft_query, alpha, eps, reduction):
         dt = query.dtype
-        acc = _acc_dtype(dt)
+        acc = acc_dtype(dt)
         idx, mask, valid = _targets(query, positives)
         if isinstance(scale, torch.Tensor):
             scale_t = scale.reshape(())
@@ -284,15 +270,6 @@ def _reference(query, keys, scale, positives, soft_query, alpha, eps, reduction)
                               label_smoothing=eps, reduction=reduction)
 
 
-def _has(name):
-    def check(inputs):
-        if hasattr(_ext.ext(), name):
-            return []
-        return ["gkcore._C was built without info_nce (rebuild: pip install --no-build-isolation -e .)"]
-
-    return check
-
-
 def _triton_check(inputs):
     D = inputs["query"].shape[1]
     if D > 1024:
@@ -309,7 +286,8 @@ OP.register(Backend("triton", _kernel_fn("triton"), devices=_tri_dev, explicit_o
                     dtypes=(torch.float32, torch.float16, torch.bfloat16), dtype_args=("query",),
                     availability=_triton.triton_unavailable, check=_triton_check))
 OP.register(Backend("cpu", _kernel_fn("cpu"), devices=("cpu",), dtypes=(torch.float32, torch.float64),
-                    dtype_args=("query",), availability=_ext.cpu_unavailable, check=_has("info_nce_forward_cpu")))
+                    dtype_args=("query",), availability=_ext.cpu_unavailable,
+                    check=_ext.built_with("info_nce_forward_cpu", "info_nce")))
 OP.register(Backend("reference", _reference, devices=("cpu", "cuda"), dtype_args=("query",)))
 
 

@@ -20,14 +20,13 @@ import torch
 from ..reference.region_attention import region_attention_reference
 from . import _triton
 from ._util import check_same_device, check_tensor, new_output
-from .region_pool import check_roi_args
+from .region_pool import check_boxes, check_grid, check_roi_args
 from .registry import Backend, register_op
 
 __all__ = ["region_attention", "OP"]
 
 OP = register_op("region_attention", "cross-attention to RoIAlign-pooled regions (+ patches), pooled on chip")
 
-_HALF = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 MAX_FP32_HEAD_DIM = 64  # = gkcore.kernels.region_attention.MAX_FP32_HEAD_DIM (not imported: triton may be absent)
 
@@ -52,19 +51,8 @@ def validate(q, k, v, boxes, grid_size, region_mask, output_size, sampling_ratio
         raise ValueError(f"shared q must have shape (H={H}, P, d={d}), got {tuple(q.shape)}")
     if d == 0:
         raise ValueError("k has head dimension 0")
-    if grid_size is None or len(grid_size) != 2:
-        raise ValueError(f"grid_size must be (gh, gw), got {grid_size!r}")
-    gh, gw = int(grid_size[0]), int(grid_size[1])
-    if gh <= 0 or gw <= 0:
-        raise ValueError(f"grid_size must be positive, got {(gh, gw)}")
-    if gh * gw != N:
-        hint = " (a leading CLS token? strip it first)" if gh * gw + 1 == N else ""
-        raise ValueError(f"grid_size {(gh, gw)} gives {gh * gw} patches but k has N={N}{hint}")
-    if boxes.shape[0] != B or boxes.shape[2] != 4:
-        raise ValueError(f"boxes must have shape (B={B}, R, 4), got {tuple(boxes.shape)}")
-    if boxes.dtype != k.dtype and not (boxes.dtype == torch.float32 and k.dtype in _HALF):
-        raise ValueError(f"boxes dtype {boxes.dtype} does not match k dtype {k.dtype} "
-                         "(float32 boxes are accepted with float16/bfloat16 inputs)")
+    gh, gw = check_grid(grid_size, N, "patches", "k has")
+    check_boxes(boxes, B, k.dtype, "k")
     R = boxes.shape[1]
     if region_mask is not None:
         if region_mask.dtype != torch.bool:
