@@ -2,7 +2,7 @@
 ``torch.compile(reference)``, Liger-Kernel's fused linear cross-entropy, cut-cross-entropy, and our cpu /
 triton backends side by side; forward and forward + backward, time and peak extra memory.
 
-Shapes: GPU 8192 tokens x vocab 31090 x D 768 (DESIGN §5: logits never materialised, faster than the
+Shapes: GPU 8192 tokens x vocab 31090 x D 768 (docs/performance.md: logits never materialised, faster than the
 reference), float32 and bfloat16. CPU: 1024 tokens x 31090 x 768 float32 (quick: 256 tokens).
 A quarter of the targets are ``ignore_index``; mean reduction, bias on (Liger and cut-cross-entropy run
 without a bias where their API has none: noted in the shape).

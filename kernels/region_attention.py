@@ -433,7 +433,7 @@ _TORCH_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float1
 
 def _aot_specs():
     """Forward and backward with the launchers' blocks for P=75, R=29: bf16 and fp16 at head dim 64 (the
-    DESIGN §5 shape), bf16 at 128 (the largest supported), fp32 at 64 (the largest fp32 head the backend
+    target shape of docs/performance.md), bf16 at 128 (the largest supported), fp32 at 64 (the largest fp32 head the backend
     serves: the 3-pass tf32 backward of wider fp32 heads would spill registers); plus GKFusion's forward
     (regions only, writing the attention maps)."""
     specs = []

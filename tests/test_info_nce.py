@@ -1,5 +1,5 @@
 """info_nce: the reference against the formula written out independently, every backend against the
-float64 reference (DESIGN §4: forward and the gradients of query, keys and a tensor scale), queue keys
+float64 reference (docs/numerics.md: forward and the gradients of query, keys and a tensor scale), queue keys
 without grad, soft targets, int / mask / default positives (incl. rows without a positive), label
 smoothing, each reduction, odd and non-contiguous inputs, bad inputs, and the cpu backend's memory."""
 import math

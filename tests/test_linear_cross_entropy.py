@@ -1,5 +1,5 @@
 """linear_cross_entropy: the reference against the formula, every backend against the float64 reference
-(DESIGN §4: forward and gradients of hidden, weight and bias), ignore_index, label smoothing, softcap,
+(docs/numerics.md: forward and gradients of hidden, weight and bias), ignore_index, label smoothing, softcap,
 each reduction, odd vocabularies, bad inputs, and the nn module."""
 import math
 

@@ -87,11 +87,8 @@ class GKConfig:
     #: recomputed after every update of it); "frozen": a frozen copy made at build time (book computed once)
     knowledge_encoder: str = "online"
     decoder_attends_gk: bool = True
-    #: subtract the knowledge book's mean prompt feature from every query before its projection. A
-    #: sentence encoder's prompts share a large common part (MiniLM's 56 entity prompts: mean cosine 0.79),
-    #: so uncentred queries start out nearly equal; centred, their mean cosine is 0.00. Off by default: on
-    #: SynthCXR one run training only the ViT + GK on loss_gk (300 steps of 16) gave zero-shot AUROC 0.625
-    #: centred vs 0.562 not, but the full 200-step demo showed no gain (0.506 centred vs 0.533 not).
+    #: subtract the knowledge book's mean prompt feature from every query before its projection (prompts
+    #: share a large common part); off: no gain in the full demo (docs/experiments.md)
     center_queries: bool = False
 
 

@@ -356,7 +356,7 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
 
     # ------------------------------------------------------------------------------------- forward
     def forward(self, batch: Dict, alpha: Optional[float] = None) -> Dict[str, torch.Tensor]:
-        """Pre-training losses for one batch (the batch dict of docs/contracts.md); see the module docstring."""
+        """Pre-training losses for one batch (the batch dict of docs/api.md); see the module docstring."""
         self.check_batch(batch)
         lc = self.config.loss
         dev = self.vision_proj.weight.device
