@@ -68,7 +68,7 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"inputs must be on one device: {desc}")
 
 
-def as_scalar(x, name: str) -> Union[float, torch.Tensor]:
+def as_scalar(x: Union[float, torch.Tensor], name: str) -> Union[float, torch.Tensor]:
     """A float, or a one-element tensor reshaped to 0-d (shape () or (1,) accepted); a scale or a
     temperature given to a loss."""
     if isinstance(x, torch.Tensor):

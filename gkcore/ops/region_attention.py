@@ -13,7 +13,7 @@ See gkcore/reference/region_attention.py for the math. Backends:
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -200,7 +200,7 @@ def region_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, boxes: t
                      grid_size: Sequence[int], *, region_mask: Optional[torch.Tensor] = None,
                      attend_patches: bool = False, output_size: int = 1, sampling_ratio: int = 2,
                      aligned: bool = True, scale: Optional[float] = None, return_weights: bool = False,
-                     backend: Optional[str] = None):
+                     backend: Optional[str] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Cross-attention from queries to anatomical regions pooled from the patch grid (plus, optionally,
     every patch), without materialising region keys and values (triton backend).
 

@@ -52,7 +52,7 @@ def validate(tokens, boxes, grid_size, output_size, sampling_ratio):
     return tokens3, gh, gw
 
 
-def check_grid(grid_size, N: int, unit: str, holder: str) -> Tuple[int, int]:
+def check_grid(grid_size: Optional[Sequence[int]], N: int, unit: str, holder: str) -> Tuple[int, int]:
     """``(gh, gw)`` of a ``grid_size`` that must cover the N positions of a token grid (shared by every op
     that pools regions); ``unit`` and ``holder`` word the error ("gives 16 patches but k has N=17")."""
     if grid_size is None or len(grid_size) != 2:
