@@ -9,13 +9,13 @@ Stages, in order, each timed and printed, each with a time budget (``BUDGETS``):
 2. ``build``: ``pip install --no-build-isolation -e .`` with ``GKCORE_CUDA=ON`` and
    ``CMAKE_ARGS=-DCMAKE_CUDA_ARCHITECTURES=<the device's, e.g. 90>``; then ``gkcore._C`` is checked for its
    CUDA part. Skipped in smoke mode.
-3. ``parity_design``: every cuda and triton backend against the float64 reference (DESIGN §4's 2x rule,
-   forward and gradients) in float32, bfloat16 and float16 at the DESIGN §5 shapes.
+3. ``parity_design``: every cuda and triton backend against the float64 reference (the 2x rule of docs/numerics.md,
+   forward and gradients) in float32, bfloat16 and float16 at the shapes of docs/performance.md.
 4. ``determinism``: each backend twice on the same inputs, outputs and gradients bitwise equal.
 5. ``parity_tests``: the GPU tests of tests/ (CUDA-skipped, GPU-marked and Triton-on-CUDA tests of the op
    test files, ``-k "cuda or triton or gpu"``), under pytest-xdist when it is installed.
 6. ``bench``: ``gkcore bench`` at the full shapes with every provider side by side (check mode: the
-   ``full`` pass, 5 rounds, DESIGN shapes; per-op budgets), each time with its ratio to the floor.
+   ``full`` pass, 5 rounds, docs/performance.md shapes; per-op budgets), each time with its ratio to the floor.
 7. ``train_step``: a bf16 training step of ``gk_mvlp_base`` at batch 64, automatic (fused) backends
    against ``backend="reference"``: steps/s and peak memory.
 
@@ -75,7 +75,7 @@ BUDGETS: Dict[str, tuple] = {
                               "tokens 4.4 s each, info_nce 0.1 TFLOP = 1.6 s x 4, region_pool output 7 (B 64) "
                               "0.8 s x 6, region_attention 0.8 s x 3, region_pool output 1 0.1 s x 6: ~41 s; "
                               "~15 Triton specialisations x 1.5 s = 22 s; GPU work < 1 s: ~63 s"),
-    "determinism": (15, 40, "13 cases, each two runs of a kernel at the DESIGN shape (floors 0.01-13 ms) on "
+    "determinism": (15, 40, "13 cases, each two runs of a kernel at the docs/performance.md shape (floors 0.01-13 ms) on "
                             "kernels already compiled by parity_design, inputs made on the CPU: ~5 s"),
     "parity_tests": (75, 60, "~80 GPU-selected tests of the op files (82 selected here on the CPU); each a small shape "
                              "(microseconds of GPU); pytest + xdist start ~15 s, ~60 Triton specialisations x 1.5 s "
@@ -206,7 +206,7 @@ def markdown(res: Dict[str, Any]) -> str:
                  f"{st.get('limit_s') or 0:.0f} s | {st.get('note', '')[:120]} |")
     cases = res.get("parity", [])
     if cases:
-        L += ["", "## parity (DESIGN shapes, vs float64)", "", "| op | backend | dtype | status | errors |",
+        L += ["", "## parity (docs/performance.md shapes, vs float64)", "", "| op | backend | dtype | status | errors |",
               "|---|---|---|---|---|"]
         for c in cases:
             errs = c.get("errors") or {}

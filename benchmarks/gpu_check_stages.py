@@ -9,10 +9,10 @@ updates the shared ``--state`` (device facts, the peaks file), and stops startin
 deadline (unix time) is near. Stages:
 
 * ``env``: versions, device, driver, CPU and GPU peaks (perf_model's probes, about 2 s).
-* ``parity_design``: DESIGN §4's rule (gkcore.testing.check_parity: error of the backend in dtype X <= 2x
+* ``parity_design``: the parity rule of docs/numerics.md (gkcore.testing.check_parity: error of the backend in dtype X <= 2x
   the reference's error in dtype X + a floor, against the reference in float64 on the CPU; forward and
   the gradients of every differentiable input; outputs poisoned) for every cuda and triton backend in
-  float32, bfloat16 and float16 at the DESIGN §5 shapes (``--smoke``: tiny odd shapes on the CPU, Triton
+  float32, bfloat16 and float16 at the shapes of docs/performance.md (``--smoke``: tiny odd shapes on the CPU, Triton
   under the interpreter). A case whose float64 truth would not finish before the deadline (predicted
   from the CPU's measured float64 matrix rate) is skipped with that note.
 * ``determinism``: each backend run twice on the same inputs, forward and gradients compared bitwise;
@@ -191,7 +191,7 @@ def _boxes(g, B, R):
 
 
 def _tol(op: str, dtype: torch.dtype):
-    """(atol, rtol_floor) of tests/ for the op and dtype (DESIGN §4's absolute floor)."""
+    """(atol, rtol_floor) of tests/ for the op and dtype (the absolute floor of docs/numerics.md)."""
     half = dtype in (torch.float16, torch.bfloat16)
     if op == "region_pool":
         return (1e-2, 0.0) if half else (1e-6, 0.0)
@@ -285,7 +285,7 @@ CASE_FNS = {"region_pool": case_region_pool, "region_attention": case_region_att
 
 
 def design_cases(smoke: bool) -> List[Dict[str, Any]]:
-    """(op, backends, shape, dtypes) at DESIGN §5's shapes, or tiny odd ones in smoke mode; cheapest first."""
+    """(op, backends, shape, dtypes) at the shapes of docs/performance.md, or tiny odd ones in smoke mode; cheapest first."""
     if smoke:  # one case per op, the interpreter is slow; the cuda backend is recorded as skipped
         return [
             dict(op="info_nce", backends=["triton"], dtypes=["float32", "bfloat16"],

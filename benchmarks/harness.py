@@ -21,7 +21,7 @@ Use from a pytest-benchmark test::
 * with ``GKCORE_BENCH_RECORD=<file>`` also appends each finished case to that file as one JSON line, so a
   run that is cut short (the GPU check's time budget) keeps what it measured.
 
-Check mode (``GKCORE_BENCH_CHECK=1``, set by benchmarks/gpu_check.py): the DESIGN shapes in the
+Check mode (``GKCORE_BENCH_CHECK=1``, set by benchmarks/gpu_check.py): the docs/performance.md shapes in the
 ``full`` mode only (forward only where there is no backward) and 5 timed rounds, so that the whole
 suite fits the GPU check's budget.
 

@@ -1,6 +1,6 @@
 """sample_hard_negatives: ALBEF's per-row multinomial loop, vectorised torch.multinomial, and our
 reference / cpu / triton backends side by side. B=1024, D=256 (also in quick mode: the issue's shape is
-cheap on the CPU). Forward only: sampling has no gradient. DESIGN §5 target: >= 10x the per-row loop on
+cheap on the CPU). Forward only: sampling has no gradient. Target (docs/performance.md): >= 10x the per-row loop on
 the GPU, no host sync.
 
 ``max_error`` is not meaningful for a sampler (the draws differ by construction); instead each

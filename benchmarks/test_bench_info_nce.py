@@ -1,5 +1,5 @@
 """info_nce: reference, torch.compile(reference), cpu, triton (and Inf-CL where installed, GPU only, hard
-labels only) side by side, at DESIGN §5's ITC shape: queries (B, D) with a learnable temperature against
+labels only) side by side, at the ITC shape of docs/performance.md: queries (B, D) with a learnable temperature against
 [momentum keys; queue] (no grad), hard labels (alpha 0) and momentum distillation (alpha 0.4).
 
 GPU: B=1024, queue 65536, D=256. CPU twin: B=4096, queue 16384, D=256 (N = 20480).

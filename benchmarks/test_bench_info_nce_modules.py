@@ -2,13 +2,13 @@
 
 * ``ITCLoss`` (ALBEF ITC with queues, alpha 0.4): ``gkcore.nn.ITCLoss(backend="reference")`` (plain
   torch, materialises the (B, B + Q) logits of both directions) against ``gkcore.nn.ITCLoss()``
-  (automatic backend: the fused triton / cpu info_nce where they serve the inputs). DESIGN §5 shape on
-  the GPU: B=1024, queue 65536, D=256; on the CPU: B=256, queue 4096 and DESIGN's CPU twin B=4096,
+  (automatic backend: the fused triton / cpu info_nce where they serve the inputs). Target shape
+  (docs/performance.md) on the GPU: B=1024, queue 65536, D=256; on the CPU: B=256, queue 4096 and the CPU-twin target B=4096,
   queue 16384 (D=256). The module runs in eval mode (no enqueue) so every timed call sees the same
   queues and the output can be checked against the float64 reference; the enqueue itself is an
   O(B * D) ``index_copy_``.
 * ``ClipLoss`` (no queue): open_clip's ``ClipLoss``, ``gkcore.nn.ClipLoss(backend="reference")`` and
-  ``gkcore.nn.ClipLoss()``. GPU: B=32768, D=512 (DESIGN §5: runs where the reference runs out of memory);
+  ``gkcore.nn.ClipLoss()``. GPU: B=32768, D=512 (docs/performance.md: runs where the reference runs out of memory);
   CPU: B=2048, D=512.
 
 Modes: forward and full (forward + backward). float32 (plus bfloat16 on the GPU). ``max_error`` is

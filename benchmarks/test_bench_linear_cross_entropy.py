@@ -2,8 +2,8 @@
 ``torch.compile(reference)``, Liger-Kernel's fused linear cross-entropy, cut-cross-entropy, and our cpu /
 triton backends side by side; forward and forward + backward, time and peak extra memory.
 
-Shapes: GPU 8192 tokens x vocab 31090 x D 768 (DESIGN §5: logits never materialised, faster than the
-reference), float32 and bfloat16. CPU: DESIGN §5's CPU twin, 4096 tokens x vocab 30522 x D 384 float32
+Shapes: GPU 8192 tokens x vocab 31090 x D 768 (docs/performance.md: logits never materialised, faster than the
+reference), float32 and bfloat16. CPU: the CPU-twin shape of docs/performance.md, 4096 tokens x vocab 30522 x D 384 float32
 (quick: 256 tokens x 31090 x 768). On the CPU cut-cross-entropy runs its ``torch_compile`` implementation
 (its triton kernels need a GPU).
 A quarter of the targets are ``ignore_index``; mean reduction, bias on (Liger and cut-cross-entropy run

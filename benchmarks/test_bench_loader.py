@@ -1,6 +1,6 @@
 """Loader throughput: DALI (cpu here; mixed GPU decode when a GPU exists) against the PIL loader with
 the same number of threads / worker processes, on full-resolution chest X-ray JPEGs resized to 224
-(DESIGN §5: faster than PIL on the CPU, >= 5x with GPU decode).
+(docs/performance.md: faster than PIL on the CPU, >= 5x with GPU decode).
 
 Files: synthetic 2048x2048 JPEGs (the real 2373x2373 radiograph resized, so the content is a real chest,
 re-encoded at quality 95) plus the real 2373x2373 JPEG itself. One timed call = one training epoch

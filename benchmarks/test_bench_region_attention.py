@@ -15,9 +15,9 @@ Providers:
 * ``triton``: the fused kernel (pooling on chip, GPU only: on the CPU it would run in the interpreter);
 * ``cpu``: the C++/OpenMP twin (pooling on the fly, online softmax; CPU only).
 
-Shapes: DESIGN §5 (B=256, P=75 queries, R=29 regions + 196 patches on a 14x14 grid, D=768 = 12 heads of
+Shapes: the target of docs/performance.md (B=256, P=75 queries, R=29 regions + 196 patches on a 14x14 grid, D=768 = 12 heads of
 64), a smaller (B=32) and a larger (B=512) batch; bf16 on the GPU, fp32 on the CPU; 10 % of the regions
-masked. Quick (GKCORE_BENCH_QUICK=1): B=4, one shape. Check mode (GKCORE_BENCH_CHECK=1): the DESIGN shape,
+masked. Quick (GKCORE_BENCH_QUICK=1): B=4, one shape. Check mode (GKCORE_BENCH_CHECK=1): the docs/performance.md shape,
 full only.
 """
 import pytest

@@ -1,5 +1,5 @@
 """region_pool: reference, torch.compile(reference), cpu, cuda, triton and torchvision's roi_align,
-side by side. Shape of DESIGN §5's region attention: B=256, 14x14 grid, C=768, R=29 regions,
+side by side. The region-attention shape of docs/performance.md: B=256, 14x14 grid, C=768, R=29 regions,
 output_size 1 and 7 (quick: B=8)."""
 import pytest
 import torch

@@ -7,7 +7,7 @@ were missing (used by tests).
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Callable, List, Mapping, Optional
 
 import torch
 
@@ -50,6 +50,17 @@ def cuda_archs() -> str:
 def cpu_unavailable() -> Optional[str]:
     """Reason the C++ CPU backend cannot run, or None."""
     return None if _C is not None else (_ERROR or "gkcore._C is not built")
+
+
+def built_with(symbol: str, op: str) -> Callable[[Mapping[str, Any]], List[str]]:
+    """A backend ``check``: no reason when ``gkcore._C`` exports ``symbol``, else that it was built without
+    ``op`` (an extension older than the op's C++ twin)."""
+    def check(inputs: Mapping[str, Any]) -> List[str]:
+        if hasattr(ext(), symbol):
+            return []
+        return [f"gkcore._C was built without {op} (rebuild: pip install --no-build-isolation -e .)"]
+
+    return check
 
 
 def cuda_unavailable() -> Optional[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import pkgutil
 import sys
 from typing import List
@@ -26,6 +25,7 @@ def iter_specs():
 
 
 def main(argv: List[str] = None) -> int:
+    from gkcore.ops._triton import interpreter_on
     from gkcore.testing import SHARED_MEMORY_LIMIT, aot_compile
 
     p = argparse.ArgumentParser(prog="python -m gkcore.aot", description=__doc__.splitlines()[0])
@@ -33,7 +33,7 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--module", default=None, help="only this kernels module")
     a = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
+    if interpreter_on():
         print("unset TRITON_INTERPRET: the AOT compile needs real triton.jit functions", file=sys.stderr)
         return 2
     rows, failures = [], []

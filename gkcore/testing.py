@@ -1,9 +1,9 @@
 """Test helpers shared by gkcore's suite (and usable by anyone validating a backend).
 
-* :func:`assert_parity` / :func:`check_parity`: DESIGN §4's rule. Ground truth is the reference run in
-  float64 on the CPU; a candidate's error in dtype X must be at most ``factor`` (2) times the error of
-  the reference run in dtype X, plus an absolute floor. Outputs and gradients of every differentiable
-  input are compared; NaN or inf in the candidate never passes.
+* :func:`assert_parity` / :func:`check_parity`: the parity rule of docs/numerics.md. Ground truth is the
+  reference run in float64 on the CPU; a candidate's error in dtype X must be at most ``factor`` (2) times
+  the error of the reference run in dtype X, plus an absolute floor. Outputs and gradients of every
+  differentiable input are compared; NaN or inf in the candidate never passes.
 * :func:`poison_outputs` (re-exported): kernel outputs allocated as NaN so unwritten elements fail.
 * :func:`noncontiguous`: the same values in a non-contiguous layout.
 * :func:`aot_compile`: compile one Triton kernel ahead of time for a GPU target (no GPU needed) and
@@ -148,8 +148,8 @@ def check_parity(fn: Callable[..., Any], ref: Callable[..., Any], args: Sequence
                  atol: float = 1e-6, rtol_floor: float = 0.0, grad_seed: int = 0, name: str = "op",
                  poison: bool = True) -> Dict[str, float]:
     """Run ``fn(*args)`` (the candidate), ``ref(*args)`` in the inputs' dtype and ``ref`` in float64 on
-    the CPU, and assert DESIGN §4's rule on the outputs and on the gradients of every floating input
-    that requires grad (with a random upstream gradient). Returns the measured errors."""
+    the CPU, and assert the parity rule (docs/numerics.md) on the outputs and on the gradients of every
+    floating input that requires grad (with a random upstream gradient). Returns the measured errors."""
     kwargs = dict(kwargs or {})
     a_got, a_ref, a_64 = _fresh(list(args)), _fresh(list(args)), to_f64(list(args))
     with poison_outputs(poison):

@@ -1,8 +1,20 @@
 """Triton kernels and their launchers, installed as ``gkcore.kernels``.
 
-Each module may define ``AOT_SPECS``: the kernels with concrete signatures and constexprs that the
-ahead-of-time compile test (tests/test_aot_compile.py) builds for sm_90a and sm_80.
+Each module may define ``AOT_SPECS``: the kernels with concrete signatures and constexprs that
+``python -m gkcore.aot`` (run by tests/test_foundation.py::test_aot_compile_all_triton_kernels) builds for
+sm_90a and sm_80.
+
+This file holds what the launchers share.
 """
+from gkcore.ops._triton import interpreter_on
+
+
+def upcast_bf16(dtype) -> bool:
+    """The kernels' ``UPCAST`` flag: bf16 tiles are multiplied as their exact fp32 images under the
+    interpreter, whose bf16 dot is inexact; never on a GPU."""
+    import torch
+
+    return interpreter_on() and dtype == torch.bfloat16
 
 
 def merge_lse_splits(lz_p, mx_p):

@@ -31,14 +31,13 @@ checked for sm_90a and sm_80 (no spills, shared memory within the limit).
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import merge_lse_splits
+from . import interpreter_on, merge_lse_splits, upcast_bf16
 
 
 @triton.jit
@@ -297,13 +296,6 @@ def _info_nce_bwd_keys_kernel(q_ptr, k_ptr, qm_ptr, idx_ptr, mask_ptr, invcnt_pt
 
 
 # ----------------------------------------------------------------------------------------------- launchers
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    return _interpreting() and dtype == torch.bfloat16
-
 
 #: fp32 inputs: IEEE fp32 dot products (FMA units), streamed through BLOCK_DK-wide slices of D
 _FP32_PREC = "ieee"
@@ -323,7 +315,7 @@ def _block_dk(D: int, dtype: torch.dtype) -> int:
     that the tests cover both code paths: bf16/fp16 full rows, fp32 slices)."""
     bd = _block_d(D)
     if dtype == torch.float32:
-        return min(bd, 16 if _interpreting() else _FP32_DK)
+        return min(bd, 16 if interpreter_on() else _FP32_DK)
     return bd
 
 
@@ -365,14 +357,13 @@ def _tuned(kernel, kind: str, block_d: int, dtype: torch.dtype, soft: bool):
     return _TUNED[key]
 
 
-def _interp_blocks(D: int):
-    """Small tiles under the interpreter so that tiny test shapes still span several (partial) tiles."""
-    return 16, 16
+#: (BLOCK_M, BLOCK_N) under the interpreter: small tiles, so that tiny test shapes span several (partial) tiles
+_INTERP_BLOCKS = (16, 16)
 
 
 def _n_splits(M: int, N: int, device: torch.device) -> int:
     tiles = triton.cdiv(N, _MAX_BN)
-    if _interpreting() or device.type != "cuda":
+    if interpreter_on() or device.type != "cuda":
         return min(2, triton.cdiv(N, 16))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(tiles, triton.cdiv(2 * sms, triton.cdiv(M, 64))))
@@ -380,7 +371,7 @@ def _n_splits(M: int, N: int, device: torch.device) -> int:
 
 def _split(M: int, N: int, device: torch.device):
     """(n_splits, keys per split): every split non-empty, a multiple of the largest BLOCK_N."""
-    quantum = 16 if (_interpreting() or device.type != "cuda") else _MAX_BN
+    quantum = 16 if (interpreter_on() or device.type != "cuda") else _MAX_BN
     n = _n_splits(M, N, device)
     per = triton.cdiv(triton.cdiv(N, quantum), n) * quantum
     return triton.cdiv(N, per), per
@@ -392,9 +383,9 @@ def _coefs(N: int, alpha: float, eps: float):
 
 def _launch(kernel, kind, grid_fn, args, D, dtype, **const):
     BD = _block_d(D)
-    const.update(BLOCK_D=BD, BLOCK_DK=_block_dk(D, dtype), DOT_PREC=_prec(dtype), UPCAST=_upcast(dtype))
-    if _interpreting() or not torch.cuda.is_available():
-        bm, bn = _interp_blocks(D)
+    const.update(BLOCK_D=BD, BLOCK_DK=_block_dk(D, dtype), DOT_PREC=_prec(dtype), UPCAST=upcast_bf16(dtype))
+    if interpreter_on() or not torch.cuda.is_available():
+        bm, bn = _INTERP_BLOCKS
         kernel[grid_fn({"BLOCK_M": bm, "BLOCK_N": bn})](*args, BLOCK_M=bm, BLOCK_N=bn, **const)
     else:
         _tuned(kernel, kind, BD, dtype, bool(const.get("SOFT")))[grid_fn](*args, **const)

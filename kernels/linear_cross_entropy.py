@@ -24,11 +24,12 @@ accumulation.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import interpreter_on, upcast_bf16
 
 
 @triton.jit
@@ -222,13 +223,6 @@ CONFIGS = {
 _DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    return _interpreting() and dtype == torch.bfloat16
-
 
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -238,14 +232,14 @@ def _config(kernel: str, D: int, dtype: torch.dtype):
     """(BLOCK_T, BLOCK_V, BLOCK_D, num_warps, num_stages) of ``kernel`` ('fwd', 'bwd', 'bwd_weight'). Small
     tiles under the interpreter so that small test vocabularies still span several tiles, including a
     partial one."""
-    if _interpreting():
+    if interpreter_on():
         return 16, 32, max(16, min(32, triton.next_power_of_2(D))), 4, 1
     return CONFIGS[kernel][_DT[dtype]]
 
 
 def _n_splits(T: int, V: int, block_t: int, block_v: int, device: torch.device) -> int:
     tiles = triton.cdiv(V, block_v)
-    if _interpreting() or device.type != "cuda":
+    if interpreter_on() or device.type != "cuda":
         return min(2, tiles)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(tiles, triton.cdiv(2 * sms, triton.cdiv(T, block_t))))
@@ -268,7 +262,7 @@ def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, bia
     _linear_cross_entropy_fwd_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets, lz_part, zy_part, zsum_part, mx_part, T, V, D,
         v_per_split, float(softcap or 1.0), HAS_BIAS=bias is not None, SOFTCAP=bool(softcap),
-        BLOCK_T=BT, BLOCK_V=BV, BLOCK_D=BD, DOT_PREC=_prec(hidden.dtype), UPCAST=_upcast(hidden.dtype),
+        BLOCK_T=BT, BLOCK_V=BV, BLOCK_D=BD, DOT_PREC=_prec(hidden.dtype), UPCAST=upcast_bf16(hidden.dtype),
         num_warps=nw, num_stages=ns)
 
 
@@ -294,7 +288,7 @@ def linear_cross_entropy_backward(hidden, weight, bias, targets, lse, g, dh, dw,
     def common(kernel):
         BT, BV, BD, nw, ns = _config(kernel, D, hidden.dtype)
         return (BT, BV), dict(HAS_BIAS=bias is not None, SOFTCAP=bool(softcap), BLOCK_T=BT, BLOCK_V=BV, BLOCK_D=BD,
-                              DOT_PREC=_prec(hidden.dtype), UPCAST=_upcast(hidden.dtype), num_warps=nw,
+                              DOT_PREC=_prec(hidden.dtype), UPCAST=upcast_bf16(hidden.dtype), num_warps=nw,
                               num_stages=ns)
 
     if dh is not None and T > 0:

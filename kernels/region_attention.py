@@ -48,11 +48,12 @@ deterministic reduction.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from . import upcast_bf16
+from .region_pool import roi_box
 
 LOG2E = 1.4426950408889634
 
@@ -98,19 +99,7 @@ def _pool_weights(box_base, offs_r, rmask, offs_n, GH, GW, OH, OW, SAMPLING_RATI
     y0 = tl.load(box_base + offs_r * 4 + 1, mask=rmask, other=0.0).to(tl.float32)
     x1 = tl.load(box_base + offs_r * 4 + 2, mask=rmask, other=0.0).to(tl.float32)
     y1 = tl.load(box_base + offs_r * 4 + 3, mask=rmask, other=0.0).to(tl.float32)
-    if ALIGNED:
-        off = 0.5
-    else:
-        off = 0.0
-    sx = x0 * GW - off
-    sy = y0 * GH - off
-    rw = x1 * GW - off - sx
-    rh = y1 * GH - off - sy
-    if not ALIGNED:
-        rw = tl.maximum(rw, 1.0)
-        rh = tl.maximum(rh, 1.0)
-    bw = rw / OW
-    bh = rh / OH
+    sx, sy, rw, rh, bw, bh = roi_box(x0, y0, x1, y1, GH, GW, OH, OW, ALIGNED)
     sr = tl.zeros_like(offs_r) + SAMPLING_RATIO
     gy = tl.where(sr > 0, sr, tl.ceil(rh / OH).to(tl.int32))
     gx = tl.where(sr > 0, sr, tl.ceil(rw / OW).to(tl.int32))
@@ -382,13 +371,12 @@ def _bwd_config(P: int, R: int, D: int, fp32: bool = False):
     return cfg, (4 if BLOCK_D <= 64 else 8)
 
 
-def _dtype_config(dtype: torch.dtype, interpret: bool = None):
-    """PREC (products of input-dtype tiles), PREC32 (products of fp32 tiles), UPCAST, SPLIT_W."""
-    if interpret is None:
-        interpret = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+def _dtype_config(dtype: torch.dtype, upcast: bool = None):
+    """PREC (products of input-dtype tiles), PREC32 (products of fp32 tiles), UPCAST (default: under the
+    interpreter for bf16), SPLIT_W."""
     if dtype == torch.float32:
         return dict(PREC="tf32x3", PREC32="tf32x3", UPCAST=False, SPLIT_W=False)
-    return dict(PREC="tf32", PREC32="tf32", UPCAST=bool(interpret and dtype == torch.bfloat16), SPLIT_W=True)
+    return dict(PREC="tf32", PREC32="tf32", UPCAST=upcast_bf16(dtype) if upcast is None else upcast, SPLIT_W=True)
 
 
 def _q_strides(q: torch.Tensor):
@@ -445,7 +433,7 @@ _TORCH_DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float1
 
 def _aot_specs():
     """Forward and backward with the launchers' blocks for P=75, R=29: bf16 and fp16 at head dim 64 (the
-    DESIGN §5 shape), bf16 at 128 (the largest supported), fp32 at 64 (the largest fp32 head the backend
+    target shape of docs/performance.md), bf16 at 128 (the largest supported), fp32 at 64 (the largest fp32 head the backend
     serves: the 3-pass tf32 backward of wider fp32 heads would spill registers); plus GKFusion's forward
     (regions only, writing the attention maps)."""
     specs = []
@@ -455,7 +443,7 @@ def _aot_specs():
     # head dimension is compiled with constant stride 1, as here.
     unit = {"sqd": 1, "skd": 1, "svd": 1}
     for dt, D in (("bf16", 64), ("fp16", 64), ("bf16", 128), ("fp32", 64)):
-        dcfg = _dtype_config(_TORCH_DT[dt], interpret=False)
+        dcfg = _dtype_config(_TORCH_DT[dt], upcast=False)
         cfg, nw = _fwd_config(75, 29, D, dt == "fp32")
         sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "box_ptr": "*fp32", "mask_ptr": "*i8",
                "o_ptr": f"*{dt}", "lse_ptr": "*fp32", "w_ptr": "*fp32"}

@@ -1,8 +1,10 @@
 """Triton region_pool (RoIAlign on a token grid), forward and deterministic backward.
 
-The geometry helpers (``roi_geometry``, ``roi_sample``) are shared with the fused region-attention
-kernel: they compute the bilinear pooling weights on chip from a box, exactly as
-csrc/region_pool/roi_math.h and gkcore/reference/region_pool.py do.
+The geometry helpers compute the bilinear pooling weights on chip from a box, exactly as
+csrc/region_pool/roi_math.h and gkcore/reference/region_pool.py do: ``roi_box`` (start corner, extent and
+bin size; elementwise, so it also serves a vector of boxes) is shared with the fused region-attention
+kernel, which counts the samples per bin of a whole tile of regions itself; ``roi_geometry`` adds that
+count for one box and ``roi_sample`` gives the four corners of one sample.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import triton.language as tl
 
 
 @triton.jit
-def roi_geometry(x0, y0, x1, y1, GH, GW, OH, OW, SAMPLING_RATIO, ALIGNED: tl.constexpr):
-    """Start corner, bin size and samples per bin of a normalised box on a GH x GW grid."""
+def roi_box(x0, y0, x1, y1, GH, GW, OH, OW, ALIGNED: tl.constexpr):
+    """Start corner (sx, sy), extent (rw, rh) and bin size (bw, bh) of normalised boxes on a GH x GW grid
+    (scalars or tensors of boxes alike)."""
     if ALIGNED:
         off = 0.5
     else:
@@ -27,6 +30,13 @@ def roi_geometry(x0, y0, x1, y1, GH, GW, OH, OW, SAMPLING_RATIO, ALIGNED: tl.con
         rh = tl.maximum(rh, 1.0)
     bw = rw / OW
     bh = rh / OH
+    return sx, sy, rw, rh, bw, bh
+
+
+@triton.jit
+def roi_geometry(x0, y0, x1, y1, GH, GW, OH, OW, SAMPLING_RATIO, ALIGNED: tl.constexpr):
+    """Start corner, bin size and samples per bin of a normalised box on a GH x GW grid."""
+    sx, sy, rw, rh, bw, bh = roi_box(x0, y0, x1, y1, GH, GW, OH, OW, ALIGNED)
     if SAMPLING_RATIO > 0:
         gy = SAMPLING_RATIO
         gx = SAMPLING_RATIO

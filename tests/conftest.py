@@ -26,7 +26,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CXR_DIR = pathlib.Path(os.environ.get("GKCORE_CXR_DIR", REPO.parent / "shared" / "data" / "cxr"))
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+from gkcore.ops._triton import interpreter_on  # noqa: E402  (after TRITON_INTERPRET is set)
+
+INTERPRETER = interpreter_on()
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -46,6 +48,25 @@ def triton_devices():
     if INTERPRETER:
         devs.append("cpu")
     return devs
+
+
+def kernel_backends(op, probe):
+    """The kernel backends of ``op`` that can be tested here, for ``pytest.mark.parametrize("backend,device",
+    ...)``: ``(cpu_ok, pairs, ids)`` with ``cpu_ok`` whether the C++ cpu backend serves the tensors of
+    ``probe``, ``pairs`` the (backend, device) pairs (cpu; triton on cuda, or on cpu under the interpreter)
+    and their ids. When none can run, one ("none", "none") pair keeps the tests visible: they call
+    :func:`need_kernel`, which skips with the reason."""
+    cpu_ok = not op.backends["cpu"].not_supported_reasons(probe)
+    pairs = ([("cpu", "cpu")] if cpu_ok else []) + [("triton", d) for d in triton_devices()]
+    if not pairs:
+        return cpu_ok, [("none", "none")], ["none"]
+    return cpu_ok, pairs, [f"{b}-{d}" for b, d in pairs]
+
+
+def need_kernel(backend):
+    """Skip a test parametrised by :func:`kernel_backends` when no kernel backend can run here."""
+    if backend == "none":
+        pytest.skip("neither the cpu backend (gkcore._C) nor triton (GPU or TRITON_INTERPRET=1) is available")
 
 
 @pytest.fixture

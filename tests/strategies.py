@@ -1,4 +1,4 @@
-"""Hypothesis strategies for shapes, dtypes and layouts (DESIGN §4)."""
+"""Hypothesis strategies for shapes, dtypes and layouts (docs/numerics.md)."""
 from hypothesis import strategies as st
 
 #: odd sizes that break tiling assumptions, mixed with a few ordinary ones

@@ -1,5 +1,5 @@
 """info_nce: the reference against the formula written out independently, every backend against the
-float64 reference (DESIGN §4: forward and the gradients of query, keys and a tensor scale), queue keys
+float64 reference (docs/numerics.md: forward and the gradients of query, keys and a tensor scale), queue keys
 without grad, soft targets, int / mask / default positives (incl. rows without a positive), label
 smoothing, each reduction, odd and non-contiguous inputs, bad inputs, and the cpu backend's memory."""
 import math
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from conftest import REPO, triton_devices
+from conftest import REPO, kernel_backends, need_kernel, triton_devices
 from strategies import SEEDS
 from gkcore.functional import info_nce
 from gkcore.ops.info_nce import OP
@@ -21,18 +21,8 @@ from gkcore.ops.registry import BackendError
 from gkcore.reference.info_nce import info_nce_reference
 from gkcore.testing import check_parity, noncontiguous
 
-_PROBE = {"query": torch.zeros(1, 4), "keys": torch.zeros(1, 4)}
-CPU_OK = not OP.backends["cpu"].not_supported_reasons(_PROBE)
 #: (backend, device) pairs that can run here: the C++ cpu backend and triton (GPU, or CPU interpreter).
-KERNELS = ([("cpu", "cpu")] if CPU_OK else []) + [("triton", d) for d in triton_devices()]
-KERNEL_IDS = [f"{b}-{d}" for b, d in KERNELS]
-if not KERNELS:  # keep the parametrised tests visible, with the reason
-    KERNELS, KERNEL_IDS = [("none", "none")], ["none"]
-
-
-def _need(backend):
-    if backend == "none":
-        pytest.skip("neither the cpu backend (gkcore._C) nor triton (GPU or TRITON_INTERPRET=1) is available")
+CPU_OK, KERNELS, KERNEL_IDS = kernel_backends(OP, {"query": torch.zeros(1, 4), "keys": torch.zeros(1, 4)})
 
 
 def _dtypes(backend, device):
@@ -182,7 +172,7 @@ CASES = [  # (positives, alpha, eps, reduction, key_grad, scale_tensor)
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-a{c[1]}-e{c[2]}-{c[3]}-kg{int(c[4])}-st{int(c[5])}"
                                              for c in CASES])
 def test_kernel_parity_cases(backend, device, case):
-    _need(backend)
+    need_kernel(backend)
     positives, alpha, eps, reduction, key_grad, scale_tensor = case
     interp = device == "cpu" and backend == "triton"
     M, N, D = (13, 45, 24) if interp else (70, 333, 40)
@@ -245,7 +235,7 @@ def test_easy_rows_loss_is_accurate(backend, device):
     """Rows whose positive is the largest logit have a loss far below the scale (about 14 here). The kernels
     form (max - positive) before adding log z; forming lse - positive instead loses about one ulp of the
     scale per row (a CI draw, M=29 D=512 sum, had a relative error of 1e-4, cpu; 1.8e-5, triton)."""
-    _need(backend)
+    need_kernel(backend)
     worst = 0.0
     for seed in range(4):
         for D in (64, 512):
@@ -270,7 +260,7 @@ def test_cpu_deterministic():
 
 @pytest.mark.parametrize("backend,device", KERNELS, ids=KERNEL_IDS)
 def test_queue_keys_get_no_grad_and_scale_float(backend, device):
-    _need(backend)
+    need_kernel(backend)
     q, k, qm, _, _ = make(10, 50, 16, device=device, key_grad=False, scale_tensor=False)
     loss = info_nce(q, k, scale=12.5, soft_query=qm, alpha=0.4, backend=backend)
     loss.backward()
@@ -282,7 +272,7 @@ def test_queue_keys_get_no_grad_and_scale_float(backend, device):
 
 @pytest.mark.parametrize("backend,device", KERNELS, ids=KERNEL_IDS)
 def test_no_grad_mode(backend, device):
-    _need(backend)
+    need_kernel(backend)
     q, k, _, scale, _ = make(9, 30, 16, device=device)
     with torch.no_grad():
         a = info_nce(q, k, scale=scale, backend=backend)
@@ -410,7 +400,7 @@ def test_opcheck_custom_ops():
 @pytest.mark.parametrize("backend,device", KERNELS + [("reference", "cpu")], ids=KERNEL_IDS + ["reference-cpu"])
 def test_edge_cases_empty_batch_and_no_positive_at_all(backend, device):
     """M = 0 and a batch in which no row has a positive: loss 0 under 'mean', zero (not NaN) gradients."""
-    _need(backend)
+    need_kernel(backend)
     q = torch.randn(0, 16, device=device, requires_grad=True)
     k = torch.randn(5, 16, device=device, requires_grad=True)
     loss = info_nce(q, k, scale=2.0, backend=backend)

@@ -354,7 +354,7 @@ def test_entity_loss_no_positive_and_errors():
         entity_contrastive_loss(image, ent, labels, 10.0, reduction="max")
 
 
-# ------------------------------------------------------------------- float32 parity (DESIGN §4)
+# -------------------------------------------------------- float32 parity (docs/numerics.md)
 def _run_f(make_module, feats, dtype, backend):
     m = make_module(backend).to(dtype)
     xs = [f.detach().to(dtype).requires_grad_(f.requires_grad) for f in feats]

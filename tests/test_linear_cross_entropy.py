@@ -1,5 +1,5 @@
 """linear_cross_entropy: the reference against the formula, every backend against the float64 reference
-(DESIGN §4: forward and gradients of hidden, weight and bias), ignore_index, label smoothing, softcap,
+(docs/numerics.md: forward and gradients of hidden, weight and bias), ignore_index, label smoothing, softcap,
 each reduction, odd vocabularies, bad inputs, and the nn module."""
 import math
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
-from conftest import HAS_CUDA, triton_devices
+from conftest import HAS_CUDA, kernel_backends, need_kernel, triton_devices
 from strategies import SEEDS
 from gkcore.functional import linear_cross_entropy
 from gkcore.nn import LinearCrossEntropy
@@ -16,19 +16,10 @@ from gkcore.ops.linear_cross_entropy import OP
 from gkcore.reference.linear_cross_entropy import linear_cross_entropy_reference
 from gkcore.testing import assert_close_report, check_parity, noncontiguous, poison_outputs
 
-CPU_OK = not OP.backends["cpu"].not_supported_reasons(
-    {"hidden": torch.zeros(1, 1), "weight": torch.zeros(1, 1), "targets": torch.zeros(1, dtype=torch.long),
-     "bias": None})
 #: (backend, device) pairs that can run here: the C++ cpu backend and triton (GPU, or CPU interpreter).
-KERNELS = ([("cpu", "cpu")] if CPU_OK else []) + [("triton", d) for d in triton_devices()]
-KERNEL_IDS = [f"{b}-{d}" for b, d in KERNELS]
-if not KERNELS:  # keep the parametrised tests visible, with the reason
-    KERNELS, KERNEL_IDS = [("none", "none")], ["none"]
-
-
-def _need(backend):
-    if backend == "none":
-        pytest.skip("neither the cpu backend (gkcore._C) nor triton (GPU or TRITON_INTERPRET=1) is available")
+CPU_OK, KERNELS, KERNEL_IDS = kernel_backends(
+    OP, {"hidden": torch.zeros(1, 1), "weight": torch.zeros(1, 1), "targets": torch.zeros(1, dtype=torch.long),
+         "bias": None})
 
 
 def make(T, D, V, dtype=torch.float32, device="cpu", bias=True, ignore_frac=0.25, seed=0, scale=1.0):
@@ -118,7 +109,7 @@ CASES = [  # (reduction, label_smoothing, softcap, bias)
 @pytest.mark.parametrize("reduction,eps,softcap,bias", CASES)
 @pytest.mark.parametrize("backend,device", KERNELS, ids=KERNEL_IDS)
 def test_parity_fp32(backend, device, reduction, eps, softcap, bias):
-    _need(backend)
+    need_kernel(backend)
     run_parity(backend, device, 37, 40, 97, eps=eps, reduction=reduction, softcap=softcap, bias=bias, seed=11)
 
 
@@ -127,7 +118,7 @@ def test_parity_fp32(backend, device, reduction, eps, softcap, bias):
 def test_parity_odd_vocab(backend, device, V):
     """Vocabularies that are not a multiple of any tile (the interpreter's tile is 32, the GPU's 64/128,
     the cpu backend's 128); 1000 spans several tiles and (triton) two vocabulary splits."""
-    _need(backend)
+    need_kernel(backend)
     if backend == "triton" and device == "cpu" and V > 131:
         pytest.skip("interpreter: the small odd vocabularies (7, 97, 131) cover the partial tiles; 1000 runs on GPU/cpu")
     run_parity(backend, device, 17, 24, V, eps=0.1, softcap=None if V == 7 else 6.0, seed=V)
@@ -141,7 +132,7 @@ REAL_VOCAB = [(b, d) for b, d in KERNELS if not (b == "triton" and d == "cpu")] 
 def test_parity_real_vocab_sizes(backend, device, V):
     """The issue's vocabularies (BERT 30522, GK-MVLP 31090): not multiples of any tile size. Not under the
     Triton interpreter (too slow there; test_parity_odd_vocab covers its partial tiles with 97 and 131)."""
-    _need(backend)
+    need_kernel(backend)
     run_parity(backend, device, 24, 32, V, eps=0.1, ignore_frac=0.2, seed=V, softcap=30.0)
 
 
@@ -159,7 +150,7 @@ def test_confident_tokens_loss_is_accurate(backend, device):
     """Tokens whose target is the largest logit (about 12 here) have a loss near 0.01. The kernels form
     (max - target) before adding log s; lse - target instead loses about one ulp of the max per token
     (the cpu backend accumulates in float64)."""
-    _need(backend)
+    need_kernel(backend)
     worst = 0.0
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
@@ -228,7 +219,7 @@ def test_cpu_property(seed, T, D, V, reduction, eps, softcap, bias, contiguous):
 @pytest.mark.parametrize("backend,device", KERNELS + [("reference", "cpu")],
                          ids=KERNEL_IDS + ["reference-cpu"])
 def test_all_ignored(backend, device, reduction):
-    _need(backend)
+    need_kernel(backend)
     h, w, b, y = make(9, 16, 97, device=device, ignore_frac=1.0)
     with poison_outputs():
         out = linear_cross_entropy(h, w, y, b, reduction=reduction, backend=backend)
@@ -241,7 +232,7 @@ def test_all_ignored(backend, device, reduction):
 @pytest.mark.parametrize("backend,device", KERNELS, ids=KERNEL_IDS)
 def test_ignore_index_inside_vocabulary(backend, device):
     """ignore_index may be a real class (e.g. the pad token 0): those tokens are still ignored."""
-    _need(backend)
+    need_kernel(backend)
     run_parity(backend, device, 31, 16, 97, ignore_index=0, eps=0.1, reduction="none", seed=4)
     run_parity(backend, device, 31, 16, 97, ignore_index=0, seed=4)
 
@@ -249,7 +240,7 @@ def test_ignore_index_inside_vocabulary(backend, device):
 @pytest.mark.parametrize("backend,device", KERNELS, ids=KERNEL_IDS)
 def test_ignored_tokens_do_not_change_loss(backend, device):
     """Changing hidden states of ignored tokens changes neither the mean loss nor other gradients."""
-    _need(backend)
+    need_kernel(backend)
     h, w, b, y = make(21, 16, 97, device=device, ignore_frac=0.4, seed=8)
     out1 = linear_cross_entropy(h, w, y, b, backend=backend)
     h2 = h.detach().clone()
@@ -263,7 +254,7 @@ def test_ignored_tokens_do_not_change_loss(backend, device):
 # ----------------------------------------------------------------------------------- shapes & grads
 @pytest.mark.parametrize("backend,device", KERNELS, ids=KERNEL_IDS)
 def test_leading_dims_and_frozen_weight(backend, device):
-    _need(backend)
+    need_kernel(backend)
     g = torch.Generator().manual_seed(2)
     h = torch.randn(3, 5, 16, generator=g).to(device).requires_grad_(True)
     w = (torch.randn(97, 16, generator=g) * 0.3).to(device)  # frozen (no grad)
@@ -282,7 +273,7 @@ def test_leading_dims_and_frozen_weight(backend, device):
 
 @pytest.mark.parametrize("backend,device", KERNELS, ids=KERNEL_IDS)
 def test_deterministic_backward(backend, device):
-    _need(backend)
+    need_kernel(backend)
     h, w, b, y = make(40, 24, 97, device=device, seed=13)
     g1 = torch.autograd.grad(linear_cross_entropy(h, w, y, b, backend=backend), [h, w, b])
     g2 = torch.autograd.grad(linear_cross_entropy(h, w, y, b, backend=backend), [h, w, b])

@@ -41,7 +41,7 @@ def micro(backend=None, **kw):
 
 
 def make_batch(model, B: int = 4, seed: int = 0, L: int = 24):
-    """A batch following docs/contracts.md: random images, real reports tokenised by the model's
+    """A batch following docs/api.md: random images, real reports tokenised by the model's
     tokenizer, random labels / boxes / masks; samples 0 and 1 share a study when B > 2."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
@@ -159,7 +159,7 @@ def _grads(model):
 
 def test_parity_reference_vs_fused_one_training_step():
     """One training step from the same weights and batch on backend="reference" (float32 and float64)
-    and on the automatic backends (float32): DESIGN §4, error <= 2 x reference float32 error + floor."""
+    and on the automatic backends (float32): docs/numerics.md, error <= 2 x reference float32 error + floor."""
     torch.manual_seed(3)
     ref = micro(backend="reference")
     auto = micro(backend=None)

@@ -33,7 +33,7 @@ def test_info_nce_counts_by_hand():
 
 
 def test_info_nce_design_shape():
-    # DESIGN §5 ITC: B = 1024 against 1024 + 65536 keys, D = 256: one logits product is 2 * 1024 * 66560 * 256
+    # the ITC shape of docs/performance.md: B = 1024 against 1024 + 65536 keys, D = 256: one logits product is 2 * 1024 * 66560 * 256
     one = 2 * 1024 * 66560 * 256
     assert one == 34_896_609_280
     w = pm.info_nce("full", B=1024, N=66560, D=256, dtype="bfloat16", alpha=0.4)
@@ -54,7 +54,7 @@ def test_linear_cross_entropy_counts_by_hand():
     assert b.matmul_flops == 120  # dH and dW
     # reads 12 + 20 + 10 + 32, writes dH 4*2*2 = 16, dW 20, db 10 -> 120
     assert b.bytes == 120
-    # DESIGN §5 LM head without ignored tokens: 2 * 8192 * 31090 * 768 per product, three products
+    # the LM-head shape of docs/performance.md, without ignored tokens: 2 * 8192 * 31090 * 768 per product, three products
     w = pm.linear_cross_entropy("full", T=8192, V=31090, D=768, dtype="float32")
     assert w.matmul_flops == 3 * 2 * 8192 * 31090 * 768
 

@@ -1,5 +1,5 @@
 """region_attention: the reference against an independent definition, and every backend's parity with
-the reference (DESIGN §4), forward and backward, on small shapes (Triton runs in the interpreter here)."""
+the reference (docs/numerics.md), forward and backward, on small shapes (Triton runs in the interpreter here)."""
 import math
 import os
 import subprocess
@@ -115,7 +115,8 @@ def test_reference_pooling_is_linear():
 
 # -------------------------------------------------------------------------------------------- backends
 def _parity(q, k, v, boxes, grid=(4, 4), **kw):
-    """DESIGN §4 parity of ``backend`` (default triton) with the reference, forward and gradients of q, k, v."""
+    """Parity (docs/numerics.md) of ``backend`` (default triton) with the reference, forward and gradients
+    of q, k, v."""
     be = kw.pop("backend", "triton")
     kw_ref = dict(kw)
     mask = kw_ref.get("region_mask")
@@ -283,8 +284,8 @@ def test_triton_parity_hypothesis(B, H, P, R, grid, d, attend_patches, shared, s
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_triton_cuda_design_shape(dtype):
-    """On the GPU: parity at a slice of the DESIGN §5 shape (75 queries, 29 regions + 196 patches, d=64),
-    and bitwise-deterministic gradients."""
+    """On the GPU: parity at a slice of the target shape of docs/performance.md (75 queries, 29 regions + 196
+    patches, d=64), and bitwise-deterministic gradients."""
     q, k, v, boxes = make(B=3, H=2, P=75, gh=14, gw=14, d=64, R=29, dtype=dtype, device="cuda", seed=31)
     mask = (torch.rand(3, 29, generator=torch.Generator().manual_seed(1)) > 0.2).cuda()
     _parity(q, k, v, boxes, grid=(14, 14), attend_patches=True, region_mask=mask)
@@ -388,7 +389,7 @@ CPU_CASES = [
 @needs_cpu_ext
 @pytest.mark.parametrize("case", CPU_CASES, ids=[c[0] for c in CPU_CASES])
 def test_cpu_parity(case):
-    """The C++ twin against the reference (DESIGN §4 2x rule, forward and the gradients of q, k, v): odd
+    """The C++ twin against the reference (the 2x rule of docs/numerics.md, forward and the gradients of q, k, v): odd
     sizes 1, 7, 29, 97, head dims 16..128 incl. 24/48/80/96, shared and per-batch queries, attend_patches
     on/off, masked regions and fully masked items, degenerate boxes, fp32/fp64 and upcast fp16/bf16."""
     _, dtype, B, H, P, grid, R, d, attend_patches, shared, masking = case
@@ -552,9 +553,9 @@ def test_cpu_parity_hypothesis(B, H, P, R, grid, d, attend_patches, shared, mask
 # ------------------------------------------------------------------------------------------- AOT
 @pytest.mark.skipif(sys.platform != "linux", reason="the AOT compile uses the bundled ptxas (linux)")
 def test_aot_compile_no_spills():
-    """Compile the forward and backward for the DESIGN §5 configuration (bf16, head dim 64) for sm_90a
-    and sm_80 without a GPU: no register spills, shared memory within the limit. ``python -m gkcore.aot
-    --module region_attention`` compiles every entry of AOT_SPECS (fp16, bf16 d128, fp32 too)."""
+    """Compile the forward and backward for the target configuration of docs/performance.md (bf16, head
+    dim 64) for sm_90a and sm_80 without a GPU: no register spills, shared memory within the limit.
+    ``python -m gkcore.aot --module region_attention`` compiles every entry of AOT_SPECS (fp16, bf16 d128, fp32 too)."""
     code = ("from gkcore.kernels.region_attention import AOT_SPECS\n"
             "from gkcore.testing import aot_compile, SHARED_MEMORY_LIMIT\n"
             "bad, done = [], 0\n"

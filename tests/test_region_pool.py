@@ -80,7 +80,7 @@ def test_matches_torchvision_fp64_exactly(backend):
        contiguous=st.booleans(), channels_last=st.booleans())
 def test_parity_property_cpu(seed, B, gh, gw, C, R, output_size, sampling_ratio, aligned, reduce, contiguous,
                              channels_last):
-    """DESIGN §4 parity of the C++ CPU backend against the float64 reference on odd shapes and layouts."""
+    """Parity (docs/numerics.md) of the C++ CPU backend against the float64 reference on odd shapes and layouts."""
     if "cpu" not in CPU_BACKENDS:
         pytest.skip("gkcore._C is not built")
     gen = torch.Generator().manual_seed(seed)

@@ -44,6 +44,7 @@ REGIONS: Tuple[str, ...] = (
 )
 
 REGION_INDEX: Dict[str, int] = {r: i for i, r in enumerate(REGIONS)}
+NUM_REGIONS = len(REGIONS)  #: 29: the R of every (B, R, 4) region-box tensor
 
 
 def region_index(name: str) -> int:
@@ -338,5 +339,5 @@ def _check() -> None:
 
 _check()
 
-__all__ = ["REGIONS", "REGION_INDEX", "region_index", "Entity", "ENTITIES", "ENTITY_NAMES", "ENTITY_SYNONYMS",
+__all__ = ["REGIONS", "REGION_INDEX", "NUM_REGIONS", "region_index", "Entity", "ENTITIES", "ENTITY_NAMES", "ENTITY_SYNONYMS",
            "entity_index", "get_entity", "entity_prompts", "region_prompts"]

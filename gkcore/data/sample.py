@@ -1,4 +1,4 @@
-"""The record every dataset yields (see docs/contracts.md)."""
+"""The record every dataset yields (see docs/api.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

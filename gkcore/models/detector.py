@@ -18,9 +18,10 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from gkcore.data.knowledge import NUM_REGIONS
+
 __all__ = ["ATLAS_BOXES", "atlas_boxes", "RegionDetector", "FasterRCNNRegionDetector"]
 
-NUM_REGIONS = 29
 
 # Rough PA-view positions (patient's right = image left); used only when no boxes are known.
 _RIGHT = [(0.12, 0.15, 0.48, 0.80), (0.14, 0.15, 0.46, 0.38), (0.13, 0.38, 0.47, 0.58), (0.12, 0.58, 0.48, 0.80),

@@ -70,7 +70,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from gkcore import nn as gnn
 from gkcore.data import knowledge as K
 from .config import GKMVLPConfig, minilm_path
-from .detector import NUM_REGIONS, RegionDetector
+from .detector import RegionDetector
 from .encoders import (FusionEncoder, ImageEncoder, ReportDecoder, TextEncoder, init_bert_weights, init_text_towers,
                        load_bert_state, text_config_from_pretrained)
 from .generation import ReportGeneration
@@ -316,7 +316,7 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
                              f"{(cfg.image_size, cfg.image_size)} (config.image_size)")
         E = len(self._prompts)
         shapes = {"input_ids": (B, None), "attention_mask": (B, None), "entity_labels": (B, E),
-                  "region_boxes": (B, NUM_REGIONS, 4), "region_mask": (B, NUM_REGIONS), "study_id": (B,)}
+                  "region_boxes": (B, K.NUM_REGIONS, 4), "region_mask": (B, K.NUM_REGIONS), "study_id": (B,)}
         for k, want in shapes.items():
             t = batch[k]
             if not isinstance(t, torch.Tensor):
@@ -356,7 +356,7 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
 
     # ------------------------------------------------------------------------------------- forward
     def forward(self, batch: Dict, alpha: Optional[float] = None) -> Dict[str, torch.Tensor]:
-        """Pre-training losses for one batch (CONTRACTS.md batch dict); see the module docstring."""
+        """Pre-training losses for one batch (the batch dict of docs/api.md); see the module docstring."""
         self.check_batch(batch)
         lc = self.config.loss
         dev = self.vision_proj.weight.device

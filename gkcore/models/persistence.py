@@ -45,5 +45,5 @@ class Persistence:
         cfg.vision.checkpoint = None
         cfg.text.pretrained = None  # architecture fields were resolved before saving
         model = cls(cfg, backend=backend, tokenizer=tokenizer, init_pretrained=False)
-        missing, unexpected = load_model(model, path, strict=True, device=str(device))
+        load_model(model, path, strict=True, device=str(device))
         return model.to(device)

@@ -54,14 +54,8 @@ class PretrainLosses:
         return neg_t, neg_i
 
     def _itc_scale(self) -> torch.Tensor:
-        for name in ("temp", "temperature"):
-            t = getattr(self.itc, name, None)
-            if isinstance(t, torch.Tensor):
-                return 1.0 / t.detach()
-        ls = getattr(self.itc, "logit_scale", None)
-        if isinstance(ls, torch.Tensor):
-            return ls.detach().exp()
-        return torch.tensor(1.0 / self.config.loss.temperature)
+        """The ITC logit scale 1 / temperature (0-d, no gradient)."""
+        return 1.0 / self.itc.temp.detach()
 
     def _itm_loss(self, img_tokens: torch.Tensor, img_feat: torch.Tensor, txt_hidden: torch.Tensor,
                   txt_feat: torch.Tensor, att: torch.Tensor, study: torch.Tensor) -> torch.Tensor:

@@ -17,27 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..collectives import all_gather, is_distributed, world_info
+from ..ops import info_nce as _op  # looked up at each call: _op.info_nce
+from ..ops._util import as_scalar
 
 __all__ = ["ClipLoss", "ITCLoss"]
-
-
-def _info_nce():
-    try:
-        from ..ops.info_nce import info_nce
-    except ImportError as e:  # pragma: no cover - only before gkcore.ops.info_nce exists
-        raise ImportError(f"gkcore.nn contrastive losses need gkcore.ops.info_nce.info_nce: {e}") from e
-    return info_nce
-
-
-def _scalar(x, name: str):
-    """A float, or a tensor reshaped to 0-d (shape () or (1,) accepted)."""
-    if isinstance(x, torch.Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"{name} must be a scalar (float or one-element tensor), got shape {tuple(x.shape)}")
-        return x.reshape(())
-    if isinstance(x, (int, float)):
-        return float(x)
-    raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(x).__name__}")
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor, na: str, nb: str, dim: Optional[int] = None) -> None:
@@ -138,8 +121,8 @@ class ClipLoss(nn.Module):
         if isinstance(logit_bias, bool):
             output_dict, logit_bias = logit_bias, None
         _check_pair(image_features, text_features, "image_features", "text_features")
-        scale = _scalar(logit_scale, "logit_scale")
-        info_nce = _info_nce()
+        scale = as_scalar(logit_scale, "logit_scale")
+        info_nce = _op.info_nce
         be = self.backend
         if self.world_size > 1:
             all_i, all_t = self._gather(image_features, text_features)
@@ -299,7 +282,7 @@ class ITCLoss(nn.Module):
         else:
             k_t, k_i = txt_keys.to(dt), img_keys.to(dt)
 
-        info_nce = _info_nce()
+        info_nce = _op.info_nce
         kw = dict(scale=scale, positives=positives, alpha=a, backend=self.backend)
         l_i2t = info_nce(image_feat, k_t, soft_query=img_m.to(dt) if a > 0 else None, **kw)
         l_t2i = info_nce(text_feat, k_i, soft_query=txt_m.to(dt) if a > 0 else None, **kw)

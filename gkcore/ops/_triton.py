@@ -20,6 +20,8 @@ except Exception as e:  # pragma: no cover - depends on the install
 
 
 def interpreter_on() -> bool:
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET`` set, as it must be before triton is
+    imported). The one place this is read: backends, kernel launchers, ``gkcore.aot`` and the tests."""
     return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 
 

@@ -1,13 +1,27 @@
-"""Small helpers shared by the op modules: output allocation (poisoned in tests), input checks."""
+"""Small helpers shared by the op modules: output allocation (poisoned in tests), dtypes, raw pointers,
+input checks."""
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
 _POISON = False
+
+#: 16-bit floating dtypes (served by the GPU backends, accumulated in float32)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def acc_dtype(dt: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the kernels: float64 for float64 inputs, else float32."""
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def ptr(t: Optional[torch.Tensor]) -> int:
+    """``t.data_ptr()``, or 0 (a null pointer for the C++ kernels) for None."""
+    return 0 if t is None else t.data_ptr()
 
 
 @contextlib.contextmanager
@@ -52,3 +66,15 @@ def check_same_device(**tensors: torch.Tensor) -> None:
     if len(set(devs.values())) > 1:
         desc = ", ".join(f"{k} on {d}" for k, d in devs.items())
         raise ValueError(f"inputs must be on one device: {desc}")
+
+
+def as_scalar(x: Union[float, torch.Tensor], name: str) -> Union[float, torch.Tensor]:
+    """A float, or a one-element tensor reshaped to 0-d (shape () or (1,) accepted); a scale or a
+    temperature given to a loss."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must be a float or a one-element tensor, got shape {tuple(x.shape)}")
+        return x.reshape(())
+    if isinstance(x, (int, float)):
+        return float(x)
+    raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(x).__name__}")

@@ -29,7 +29,7 @@ import torch
 from .. import _ext
 from ..reference.info_nce import info_nce_reference
 from . import _triton
-from ._util import check_same_device, check_tensor, is_compiling, new_output
+from ._util import acc_dtype, check_same_device, check_tensor, is_compiling, new_output, ptr
 from .registry import Backend, register_op
 
 __all__ = ["info_nce", "OP", "validate"]
@@ -38,7 +38,6 @@ OP = register_op("info_nce", "InfoNCE / contrastive loss with queue, soft target
                              "without materialising the logits")
 
 _REDUCTIONS = ("mean", "sum", "none")
-_HALF = (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -103,14 +102,6 @@ def validate(query, keys, scale, positives, soft_query, alpha, label_smoothing, 
 
 
 # ------------------------------------------------------------------------------------------- kernels
-def _acc_dtype(dt: torch.dtype) -> torch.dtype:
-    return torch.float64 if dt == torch.float64 else torch.float32
-
-
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
     return like.new_empty((0,), dtype=dtype or like.dtype)
 
@@ -143,11 +134,18 @@ def _cpu_chunks(query, keys, scale, sq, idx, mask, alpha, eps, loss, lse, lse_m,
         n = min(rows, M - r0)
         z = torch.mm(qs[r0:r0 + n], kt, out=buf[:n])
         zm = torch.mm(qms[r0:r0 + n], kt, out=bufm[:n]) if qms is not None else None
-        C.info_nce_rows_cpu(code, z.data_ptr(), _ptr(zm), idx[r0:].data_ptr() if mask is None else 0,
-                            mask[r0:].data_ptr() if mask is not None else 0, n, N, float(alpha), float(eps),
-                            loss[r0:].data_ptr(), lse[r0:].data_ptr(), lse_m[r0:].data_ptr() if zm is not None else 0,
+        C.info_nce_rows_cpu(code, z.dataptr(), ptr(zm), idx[r0:].dataptr() if mask is None else 0,
+                            mask[r0:].dataptr() if mask is not None else 0, n, N, float(alpha), float(eps),
+                            loss[r0:].dataptr(), lse[r0:].dataptr(), lse_m[r0:].dataptr() if zm is not None else 0,
                             grad)
         yield r0, n, z
+
+
+def _kernel_inputs(query, keys, soft_query, mask, alpha):
+    """Contiguous (query, keys, soft queries or None when unused, mask or None) and the accumulation dtype."""
+    soft = soft_query is not None and alpha > 0.0
+    return (query.contiguous(), keys.contiguous(), soft_query.contiguous() if soft else None,
+            mask.contiguous() if mask is not None else None, acc_dtype(query.dtype))
 
 
 @torch.library.custom_op("gkcore::info_nce_fwd", mutates_args=())
@@ -161,14 +159,8 @@ def _info_nce_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, 
     ``idx`` (M,) int64 positive index per row (negative: none) or (0,) when ``mask`` (M, N) bool is given.
     ``A`` is computed only with ``fuse_dq`` and ``C1 = sum_i (p_ij - t_ij) q_i`` (C for a unit upstream
     gradient) only with ``fuse_dk`` (cpu backend)."""
-    query, keys = query.contiguous(), keys.contiguous()
-    M, D = query.shape
-    N = keys.shape[0]
-    dev = query.device
-    acc = _acc_dtype(query.dtype)
-    soft = soft_query is not None and alpha > 0.0
-    sq = soft_query.contiguous() if soft else None
-    mask = mask.contiguous() if mask is not None else None
+    query, keys, sq, mask, acc = _kernel_inputs(query, keys, soft_query, mask, alpha)
+    (M, D), N, dev, soft = query.shape, keys.shape[0], query.device, sq is not None
     idx = idx.contiguous()
     loss = new_output((M,), dtype=acc, device=dev)
     lse = new_output((M,), dtype=acc, device=dev)
@@ -203,7 +195,7 @@ def _info_nce_fwd(query: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, 
 def _(query, keys, scale, idx, mask, soft_query, alpha, eps, fuse_dq, fuse_dk, impl):
     M, D = query.shape
     N = keys.shape[0]
-    acc = _acc_dtype(query.dtype)
+    acc = acc_dtype(query.dtype)
     soft = soft_query is not None and alpha > 0.0
     return (query.new_empty((M,), dtype=acc), query.new_empty((M,), dtype=acc),
             query.new_empty((M,) if soft else (0,), dtype=acc), query.new_empty((M, D) if fuse_dq else (0,), dtype=acc),
@@ -217,14 +209,8 @@ def _info_nce_bwd(g: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, scal
                   impl: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """(A (M, D), C (N, D)) in the accumulation dtype (see the module docstring); one not needed comes back
     as an empty (0,) tensor. ``g`` (M,) is the upstream gradient per row, 0 at rows without a positive."""
-    query, keys = query.contiguous(), keys.contiguous()
-    M, D = query.shape
-    N = keys.shape[0]
-    dev = query.device
-    acc = _acc_dtype(query.dtype)
-    soft = soft_query is not None and alpha > 0.0
-    sq = soft_query.contiguous() if soft else None
-    mask = mask.contiguous() if mask is not None else None
+    query, keys, sq, mask, acc = _kernel_inputs(query, keys, soft_query, mask, alpha)
+    (M, D), N, dev, soft = query.shape, keys.shape[0], query.device, sq is not None
     g = g.to(acc).contiguous()
     lse, lse_m = lse.contiguous(), lse_m.contiguous()
     A = new_output((M, D), dtype=acc, device=dev) if need_a else None
@@ -260,7 +246,7 @@ def _info_nce_bwd(g: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, scal
 def _(g, query, keys, scale, idx, mask, soft_query, lse, lse_m, alpha, eps, need_a, need_c, impl):
     M, D = query.shape
     N = keys.shape[0]
-    acc = _acc_dtype(query.dtype)
+    acc = acc_dtype(query.dtype)
     return (query.new_empty((M, D) if need_a else (0,), dtype=acc),
             query.new_empty((N, D) if need_c else (0,), dtype=acc))
 
@@ -329,7 +315,7 @@ def _targets(query, positives):
 def _kernel_fn(impl: str):
     def run(query, keys, scale, positives, soft_query, alpha, eps, reduction):
         dt = query.dtype
-        acc = _acc_dtype(dt)
+        acc = acc_dtype(dt)
         idx, mask, valid = _targets(query, positives)
         if isinstance(scale, torch.Tensor):
             scale_t = scale.reshape(())
@@ -359,15 +345,6 @@ def _reference(query, keys, scale, positives, soft_query, alpha, eps, reduction)
                               label_smoothing=eps, reduction=reduction)
 
 
-def _has(name):
-    def check(inputs):
-        if hasattr(_ext.ext(), name):
-            return []
-        return ["gkcore._C was built without info_nce (rebuild: pip install --no-build-isolation -e .)"]
-
-    return check
-
-
 def _triton_check(inputs):
     D = inputs["query"].shape[1]
     if D > 1024:
@@ -384,7 +361,7 @@ OP.register(Backend("triton", _kernel_fn("triton"), devices=_tri_dev, explicit_o
                     dtypes=(torch.float32, torch.float16, torch.bfloat16), dtype_args=("query",),
                     availability=_triton.triton_unavailable, check=_triton_check))
 OP.register(Backend("cpu", _kernel_fn("cpu"), devices=("cpu",), dtypes=(torch.float32, torch.float64),
-                    dtype_args=("query",), availability=_ext.cpu_unavailable, check=_has("info_nce_rows_cpu")))
+                    dtype_args=("query",), availability=_ext.cpu_unavailable, check=_ext.built_with("info_nce_rows_cpu", "info_nce")))
 OP.register(Backend("reference", _reference, devices=("cpu", "cuda"), dtype_args=("query",)))
 
 

@@ -24,7 +24,7 @@ import torch
 from .. import _ext
 from ..reference.linear_cross_entropy import linear_cross_entropy_reference, reduce_token_losses
 from . import _triton
-from ._util import check_same_device, check_tensor, is_compiling, new_output
+from ._util import acc_dtype, check_same_device, check_tensor, is_compiling, new_output
 from .registry import Backend, register_op
 
 __all__ = ["linear_cross_entropy", "OP"]
@@ -95,14 +95,6 @@ def _cpu_logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return torch.mm(h, weight.t(), out=out)
 
 
-def _acc_dtype(dt: torch.dtype) -> torch.dtype:
-    return torch.float64 if dt == torch.float64 else torch.float32
-
-
-def _ptr(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 @torch.library.custom_op("gkcore::linear_cross_entropy_fwd", mutates_args=())
 def _lce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
              ignore_index: int, label_smoothing: float, softcap: float,
@@ -113,7 +105,7 @@ def _lce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     targets = targets.contiguous()
     T, D = hidden.shape
     V = weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     if impl == "cpu":
         sel = _live_rows(targets, ignore_index)  # ignored tokens are left out of the matmuls (loss 0)
         hs, ys = (hidden, targets) if sel is None else (hidden.index_select(0, sel), targets.index_select(0, sel))
@@ -153,7 +145,7 @@ def _lce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 @_lce_fwd.register_fake
 def _(hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, impl):
     T = hidden.shape[0]
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     return hidden.new_empty((T,), dtype=acc), hidden.new_empty((T,), dtype=acc)
 
 
@@ -170,7 +162,7 @@ def _lce_bwd(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
     T, D = hidden.shape
     V = weight.shape[0]
     dt, dev = hidden.dtype, hidden.device
-    acc = _acc_dtype(dt)
+    acc = acc_dtype(dt)
     g = torch.where(targets != ignore_index, grad_loss.to(acc), torch.zeros((), dtype=acc, device=dev)).contiguous()
     lse = lse.to(acc).contiguous()
     want_db = need_weight and bias is not None
@@ -429,9 +421,7 @@ OP.register(Backend("triton", _kernel_fn("triton"), devices=_tri_dev, explicit_o
                     availability=_triton.triton_unavailable, check=_triton_check))
 OP.register(Backend("cpu", _kernel_fn("cpu"), devices=("cpu",), dtypes=(torch.float32, torch.float64),
                     dtype_args=("hidden",), availability=_ext.cpu_unavailable,
-                    check=lambda inputs: ([] if hasattr(_ext.ext(), "lce_chunk_forward_cpu")
-                                          else ["gkcore._C was built without linear_cross_entropy "
-                                                "(rebuild: pip install --no-build-isolation -e .)"])))
+                    check=_ext.built_with("lce_chunk_forward_cpu", "linear_cross_entropy")))
 OP.register(Backend("reference", _reference, devices=("cpu", "cuda"), dtype_args=("hidden",)))
 
 

@@ -16,7 +16,7 @@ See gkcore/reference/region_attention.py for the math. Backends:
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -24,14 +24,13 @@ from .. import _ext
 from ..reference.region_attention import region_attention_reference
 from . import _triton
 from ._util import check_same_device, check_tensor, new_output
-from .region_pool import check_roi_args
+from .region_pool import check_boxes, check_grid, check_roi_args
 from .registry import Backend, register_op
 
 __all__ = ["region_attention", "OP"]
 
 OP = register_op("region_attention", "cross-attention to RoIAlign-pooled regions (+ patches), pooled on chip")
 
-_HALF = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128
 MAX_FP32_HEAD_DIM = 64  # = gkcore.kernels.region_attention.MAX_FP32_HEAD_DIM (not imported: triton may be absent)
 
@@ -56,19 +55,8 @@ def validate(q, k, v, boxes, grid_size, region_mask, output_size, sampling_ratio
         raise ValueError(f"shared q must have shape (H={H}, P, d={d}), got {tuple(q.shape)}")
     if d == 0:
         raise ValueError("k has head dimension 0")
-    if grid_size is None or len(grid_size) != 2:
-        raise ValueError(f"grid_size must be (gh, gw), got {grid_size!r}")
-    gh, gw = int(grid_size[0]), int(grid_size[1])
-    if gh <= 0 or gw <= 0:
-        raise ValueError(f"grid_size must be positive, got {(gh, gw)}")
-    if gh * gw != N:
-        hint = " (a leading CLS token? strip it first)" if gh * gw + 1 == N else ""
-        raise ValueError(f"grid_size {(gh, gw)} gives {gh * gw} patches but k has N={N}{hint}")
-    if boxes.shape[0] != B or boxes.shape[2] != 4:
-        raise ValueError(f"boxes must have shape (B={B}, R, 4), got {tuple(boxes.shape)}")
-    if boxes.dtype != k.dtype and not (boxes.dtype == torch.float32 and k.dtype in _HALF):
-        raise ValueError(f"boxes dtype {boxes.dtype} does not match k dtype {k.dtype} "
-                         "(float32 boxes are accepted with float16/bfloat16 inputs)")
+    gh, gw = check_grid(grid_size, N, "patches", "k has")
+    check_boxes(boxes, B, k.dtype, "k")
     R = boxes.shape[1]
     if region_mask is not None:
         if region_mask.dtype != torch.bool:
@@ -285,7 +273,7 @@ def region_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, boxes: t
                      grid_size: Sequence[int], *, region_mask: Optional[torch.Tensor] = None,
                      attend_patches: bool = False, output_size: int = 1, sampling_ratio: int = 2,
                      aligned: bool = True, scale: Optional[float] = None, return_weights: bool = False,
-                     backend: Optional[str] = None):
+                     backend: Optional[str] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Cross-attention from queries to anatomical regions pooled from the patch grid (plus, optionally,
     every patch), without materialising region keys and values (triton and cpu backends).
 

@@ -13,14 +13,13 @@ import torch
 from .. import _ext
 from ..reference.region_pool import region_pool_reference
 from . import _triton
-from ._util import check_same_device, check_tensor, is_compiling, new_output
+from ._util import HALF_DTYPES, check_same_device, check_tensor, is_compiling, new_output
 from .registry import Backend, register_op
 
 __all__ = ["region_pool", "OP"]
 
 OP = register_op("region_pool", "RoIAlign of normalised boxes on a patch-token grid")
 
-_HALF = (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -38,14 +37,7 @@ def _grid_from(tokens: torch.Tensor, grid_size) -> Tuple[torch.Tensor, int, int]
             raise ValueError(f"grid_size is required: tokens have N={N} positions, not a square grid "
                              "(strip a leading CLS token before pooling)")
         return tokens, side, side
-    if len(grid_size) != 2:
-        raise ValueError(f"grid_size must be (gh, gw), got {grid_size!r}")
-    gh, gw = int(grid_size[0]), int(grid_size[1])
-    if gh <= 0 or gw <= 0:
-        raise ValueError(f"grid_size must be positive, got {(gh, gw)}")
-    if gh * gw != N:
-        hint = " (a leading CLS token? strip it first)" if gh * gw + 1 == N else ""
-        raise ValueError(f"grid_size {(gh, gw)} gives {gh * gw} positions but tokens have N={N}{hint}")
+    gh, gw = check_grid(grid_size, N, "positions", "tokens have")
     return tokens, gh, gw
 
 
@@ -55,13 +47,32 @@ def validate(tokens, boxes, grid_size, output_size, sampling_ratio):
     check_same_device(tokens=tokens, boxes=boxes)
     tokens3, gh, gw = _grid_from(tokens, grid_size)
     B = tokens3.shape[0]
-    if boxes.shape[0] != B or boxes.shape[2] != 4:
-        raise ValueError(f"boxes must have shape (B={B}, R, 4), got {tuple(boxes.shape)}")
-    if boxes.dtype != tokens.dtype and not (boxes.dtype == torch.float32 and tokens.dtype in _HALF):
-        raise ValueError(f"boxes dtype {boxes.dtype} does not match tokens dtype {tokens.dtype} "
-                         "(float32 boxes are accepted with float16/bfloat16 tokens)")
+    check_boxes(boxes, B, tokens.dtype, "tokens")
     check_roi_args(boxes, output_size, sampling_ratio)
     return tokens3, gh, gw
+
+
+def check_grid(grid_size: Optional[Sequence[int]], N: int, unit: str, holder: str) -> Tuple[int, int]:
+    """``(gh, gw)`` of a ``grid_size`` that must cover the N positions of a token grid (shared by every op
+    that pools regions); ``unit`` and ``holder`` word the error ("gives 16 patches but k has N=17")."""
+    if grid_size is None or len(grid_size) != 2:
+        raise ValueError(f"grid_size must be (gh, gw), got {grid_size!r}")
+    gh, gw = int(grid_size[0]), int(grid_size[1])
+    if gh <= 0 or gw <= 0:
+        raise ValueError(f"grid_size must be positive, got {(gh, gw)}")
+    if gh * gw != N:
+        hint = " (a leading CLS token? strip it first)" if gh * gw + 1 == N else ""
+        raise ValueError(f"grid_size {(gh, gw)} gives {gh * gw} {unit} but {holder} N={N}{hint}")
+    return gh, gw
+
+
+def check_boxes(boxes: torch.Tensor, B: int, dtype: torch.dtype, name: str) -> None:
+    """(B, R, 4) boxes in the dtype of the pooled input ``name``, or float32 with a 16-bit input."""
+    if boxes.shape[0] != B or boxes.shape[2] != 4:
+        raise ValueError(f"boxes must have shape (B={B}, R, 4), got {tuple(boxes.shape)}")
+    if boxes.dtype != dtype and not (boxes.dtype == torch.float32 and dtype in HALF_DTYPES):
+        raise ValueError(f"boxes dtype {boxes.dtype} does not match {name} dtype {dtype} "
+                         f"(float32 boxes are accepted with float16/bfloat16 {name})")
 
 
 def check_roi_args(boxes: torch.Tensor, output_size, sampling_ratio) -> None:
@@ -85,7 +96,7 @@ def check_roi_args(boxes: torch.Tensor, output_size, sampling_ratio) -> None:
 
 # ------------------------------------------------------------------------------------------- kernels
 def _boxes_for(tokens: torch.Tensor, boxes: torch.Tensor, impl: str) -> torch.Tensor:
-    if impl == "triton" or tokens.dtype in _HALF:
+    if impl == "triton" or tokens.dtype in HALF_DTYPES:
         return boxes.detach().to(torch.float32).contiguous()
     return boxes.detach().to(tokens.dtype).contiguous()
 

@@ -1,4 +1,4 @@
-"""Backend registry: one op, several implementations, one contract (DESIGN §3).
+"""Backend registry: one op, several implementations, one contract (docs/ops.md).
 
 Every op registers an :class:`Op` holding its backends. A backend declares the devices and dtypes it
 serves and returns the reasons it cannot serve a particular call from :meth:`Backend.not_supported_reasons`.
