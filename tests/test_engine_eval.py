@@ -16,9 +16,9 @@ from gkcore.engine import trainer as T  # noqa: E402
 
 N_IMAGES = 24
 BATCH = 8
-# small enough for 2 CPU cores: 64 px images (4x4 patches), a 2-layer ViT, short reports
+# small enough for 2 CPU cores: 64 px images (the preset's resnet10t layer3: a 4x4 grid), short reports
 # and a small random text tower instead of MiniLM (the tokenizer stays MiniLM's)
-OVERRIDES = {"image_size": 64, "vision.depth": 2, "max_length": 40, "loss.queue_size": 32,
+OVERRIDES = {"image_size": 64, "max_length": 40, "loss.queue_size": 32,
              "text.pretrained": None, "text.hidden_size": 64, "text.num_layers": 2, "text.num_heads": 2,
              "text.intermediate_size": 128, "text.fusion_start": 1, "text.decoder_layers": 1}
 

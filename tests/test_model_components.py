@@ -80,7 +80,8 @@ def test_real_tiny_preset_trains_one_step():
     # pretrained MiniLM: entity prompts are told apart, so LECLS is below log(E) (uniform) already
     assert out["loss_lm"].item() < 1.2 * math.log(cfg.text.vocab_size)
     out["loss"].backward()
-    assert all(p.grad is not None for p in model.visual.vit.patch_embed.proj.parameters())
+    assert model.config.vision.model_name == "resnet10t" and model.visual.grid_size == (8, 8)  # a BatchNorm CNN
+    assert all(p.grad is not None for p in model.visual.backbone.parameters())
     assert model.gk.fusion.layers[0].region_attn.q_proj.weight.grad is not None
 
 
@@ -183,9 +184,9 @@ def test_vision_encoder_loads_a_local_timm_checkpoint(tmp_path):
     torch.save(src.state_dict(), path)
     enc = ImageEncoder(VisionConfig(model_name="vit_tiny_patch16_224", patch_size=8, depth=1, embed_dim=64,
                                     num_heads=2, checkpoint=str(path)), image_size=32, channels=1)
-    torch.testing.assert_close(enc.vit.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
-    torch.testing.assert_close(enc.vit.patch_embed.proj.weight, src.patch_embed.proj.weight.sum(1, keepdim=True))
-    assert enc.vit.pos_embed.shape == (1, 1 + 16, 64)
+    torch.testing.assert_close(enc.backbone.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(enc.backbone.patch_embed.proj.weight, src.patch_embed.proj.weight.sum(1, keepdim=True))
+    assert enc.backbone.pos_embed.shape == (1, 1 + 16, 64)
     assert enc(torch.randn(2, 1, 32, 32)).shape == (2, 17, 64)
     with pytest.raises(ValueError, match="not a file"):
         ImageEncoder(VisionConfig(model_name="vit_tiny_patch16_224", checkpoint="org/some-hub-id"), 32, 1)
@@ -200,7 +201,7 @@ def test_conv_stem_keeps_the_token_grid_and_learns():
     torch.manual_seed(0)
     vc = VisionConfig(model_name="vit_tiny_patch16_224", patch_size=16, depth=1, embed_dim=64, num_heads=2, stem="conv")
     enc = ImageEncoder(vc, image_size=64, channels=1)
-    stem = enc.vit.patch_embed.proj
+    stem = enc.backbone.patch_embed.proj
     assert isinstance(stem, ConvStem) and enc.grid_size == (4, 4)
     convs = [m for m in stem.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.stride[0] for c in convs] == [2, 2, 2, 2, 1]

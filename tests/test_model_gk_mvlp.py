@@ -25,10 +25,11 @@ REPORTS = ["The heart size is normal. No pleural effusion or pneumothorax.",
            "No acute cardiopulmonary process.",
            "Right upper lobe opacity; possible lung lesion."]
 
-#: the tiny preset made very small: 32 px images with 8 px patches (4 x 4 grid), a 1-layer 64-wide ViT,
+#: the tiny preset made very small: 32 px images with 8 px patches (4 x 4 grid), a 1-layer 64-wide ViT
+#: (in place of the preset's CNN; tests/test_pluggable_encoder.py runs a CNN through the same model),
 #: random 64-wide BERT towers (1 text + 1 fusion layer, 1 decoder layer) instead of MiniLM, no dropout.
 MICRO = dict(image_size=32, embed_dim=32, dropout=0.0, max_length=24,
-             vision__patch_size=8, vision__embed_dim=64, vision__depth=1, vision__num_heads=2,
+             vision__model_name="vit_tiny_patch16_224", vision__feature_index=None, vision__patch_size=8, vision__embed_dim=64, vision__depth=1, vision__num_heads=2,
              text__pretrained=None, text__hidden_size=64, text__num_layers=2, text__fusion_start=1,
              text__num_heads=2, text__intermediate_size=128, text__decoder_layers=1,
              gk__depth=1, gk__num_heads=2, loss__queue_size=16)
@@ -406,7 +407,8 @@ def test_inference_api_shapes(tiny, batch):
 
 def test_ground_saliency_is_the_norm_of_the_gk_decision_gradient(tiny, batch):
     """``patch_saliency`` against central finite differences of logit_present - logit_absent with
-    respect to every channel of every patch token (all perturbations in one batched GK forward)."""
+    respect to every channel of every patch token (all perturbations in one batched GK forward; the GK
+    module runs with the whole knowledge book, the entity's column is read)."""
     img, rb, rm = batch["image"][:1], batch["region_boxes"][:1], batch["region_mask"][:1]
     entity = "pleural effusion"
     sal = tiny.ground(img, entity, region_boxes=rb, region_mask=rm)["patch_saliency"]
@@ -418,13 +420,16 @@ def test_ground_saliency_is_the_norm_of_the_gk_decision_gradient(tiny, batch):
         x = tiny._images(img)
         tokens = tiny.visual(x)[:, 1:]
         boxes, rmask = tiny.detector(x, rb.to(x.dtype), rm)
-        q = tiny._query_feats([entity])
+        q = tiny.knowledge_book()[0]
+        from gkcore.data import knowledge
+
+        col = list(knowledge.ENTITY_NAMES).index(entity)
         N, D = tokens.shape[1:]
         eps = 1e-2
         d = torch.eye(N * D).view(N * D, N, D) * eps
         p = torch.cat([tokens + d, tokens - d])  # (2 N D, N, D)
         M = p.shape[0]
-        lo = tiny._run_gk(p, boxes.expand(M, -1, -1), rmask.expand(M, -1), q, with_regions=False)["logits"][:, 0]
+        lo = tiny._run_gk(p, boxes.expand(M, -1, -1), rmask.expand(M, -1), q, with_regions=False)["logits"][:, col]
         f = (lo[:, 1] - lo[:, 0]).double()
         grad = ((f[:N * D] - f[N * D:]) / (2 * eps)).view(N, D)
     want = grad.norm(dim=-1)

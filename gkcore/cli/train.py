@@ -37,7 +37,7 @@ def register(subparsers) -> None:
                     "for DDP (NCCL on GPUs, gloo on CPUs); only rank 0 writes. Ctrl-C / SIGTERM writes a "
                     "checkpoint and exits; --resume continues exactly.")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--preset", help="model preset (gk_mvlp_tiny, gk_mvlp_base)")
+    g.add_argument("--preset", help="model preset (gk_mvlp_tiny, gk_mvlp_base, gk_mvlp_resnet50)")
     g.add_argument("--config", help="JSON file: {\"preset\": ..., \"overrides\": {...}, \"train\": {...}, "
                                     "\"batch_size\": ...}; command-line flags win")
     p.add_argument("--data", required=True, help="ADAPTER:PATH, e.g. synth:./synthcxr or mimic:/data/mimic-cxr-jpg")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from . import metrics as M
 
 __all__ = ["load_model", "make_loader", "Subset", "split_indices", "zero_shot_classification", "grounding",
-           "extract_features", "linear_probe", "fine_tune", "report_generation", "retrieval", "vqa",
+           "extract_features", "linear_probe", "fine_tune", "report_generation", "report_baseline", "retrieval", "vqa",
            "TASKS", "run_task"]
 
 TASKS = ("zero-shot", "linear-probe", "fine-tune", "localization", "report-generation", "retrieval", "vqa")
@@ -149,12 +149,16 @@ def zero_shot_classification(model, loader, entity_names: Optional[Sequence[str]
 
 
 @torch.no_grad()
-def extract_features(model, loader, text: bool = False, max_batches: Optional[int] = None) -> Dict[str, np.ndarray]:
-    """Image embeddings (N, D) (and report embeddings when ``text``), entity labels (N, E), study ids."""
+def extract_features(model, loader, text: bool = False, max_batches: Optional[int] = None,
+                     pooled: bool = False) -> Dict[str, np.ndarray]:
+    """Image embeddings (N, De) (and report embeddings when ``text``; the image encoder's pooled
+    features (N, Dv) under ``"pooled"`` when ``pooled``), entity labels (N, E), study ids, reports."""
     model.eval()
-    out: Dict[str, List] = {"image": [], "labels": [], "study_id": [], "text": [], "report": []}
+    out: Dict[str, List] = {"image": [], "labels": [], "study_id": [], "text": [], "report": [], "pooled": []}
     for b in _limited(loader, max_batches):
         out["image"].append(model.encode_image(b["image"]).float().cpu())
+        if pooled:
+            out["pooled"].append(model.encode_image(b["image"], projected=False).float().cpu())
         out["labels"].append(b["entity_labels"].cpu())
         out["study_id"].append(b["study_id"].cpu())
         out["report"].extend(b["report"])
@@ -166,19 +170,23 @@ def extract_features(model, loader, text: bool = False, max_batches: Optional[in
 
 
 def _fit_logistic(x: np.ndarray, y: np.ndarray, c: float = 1.0):
+    """Logistic regression on standardised features (lbfgs converges on unnormalised encoder features)."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
-    return LogisticRegression(C=c, max_iter=1000).fit(x, y)
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000)).fit(x, y)
 
 
 def linear_probe(train: Dict[str, np.ndarray], test: Dict[str, np.ndarray], fraction: float = 1.0,
-                 seed: int = 0) -> Dict[str, Any]:
-    """Per-entity logistic regression on frozen image embeddings from a ``fraction`` of the training
-    rows (labels -1 dropped per entity); AUROC on the test rows. Entities whose training labels hold a
-    single class are skipped."""
+                 seed: int = 0, key: str = "image") -> Dict[str, Any]:
+    """Per-entity logistic regression on frozen features ``train[key]`` (``"image"``: the embeddings;
+    ``"pooled"``: the image encoder's pooled features) from a ``fraction`` of the training rows (labels
+    -1 dropped per entity); AUROC on the test rows. Entities whose training labels hold a single class
+    are skipped."""
     K = _knowledge()
-    rows = label_fraction_indices(list(range(len(train["image"]))), fraction, seed)
-    xtr, ytr = train["image"][rows], train["labels"][rows]
+    rows = label_fraction_indices(list(range(len(train[key]))), fraction, seed)
+    xtr, ytr = train[key][rows], train["labels"][rows]
     scores = np.zeros(test["labels"].shape, np.float64)
     valid = np.zeros(test["labels"].shape[1], bool)
     for e in range(ytr.shape[1]):
@@ -186,7 +194,7 @@ def linear_probe(train: Dict[str, np.ndarray], test: Dict[str, np.ndarray], frac
         if len(np.unique(ytr[keep, e])) < 2:
             continue
         clf = _fit_logistic(xtr[keep], ytr[keep, e])
-        scores[:, e] = clf.predict_proba(test["image"])[:, 1]
+        scores[:, e] = clf.predict_proba(test[key])[:, 1]
         valid[e] = True
     labels = np.where(valid[None, :], test["labels"], -1)
     res = M.auroc_per_class(scores, labels, names=list(K.ENTITY_NAMES))
@@ -257,10 +265,12 @@ def grounding(model, loader, max_batches: Optional[int] = None, keep_examples: i
               iou_thresholds: Sequence[float] = (0.1, 0.25, 0.5)) -> Dict[str, Any]:
     """Localization of the true finding boxes.
 
-    For every (image, finding) pair of the batch's ``finding_boxes`` the model grounds the finding's
-    entity: the pointing game uses the arg-max of ``patch_map`` (B, gh, gw); detection mAP uses the
-    box of the top-scoring region of ``region_scores`` (B, 29) as the predicted box with that score,
-    matched per entity against the true boxes at the IoU thresholds. A random-point baseline is the
+    Every (image, finding entity) pair of the batch's ``finding_boxes`` is grounded in one
+    ``model.ground(images, entities)`` call per batch (one entity per row): the pointing game
+    (``pointing_game``) uses the arg-max of ``patch_map`` (B, gh, gw), NaN for a model without one;
+    detection mAP uses the box of the top-scoring region of ``region_scores`` (B, 29) (or of
+    ``region_text_scores`` for a model without GK region attention) as the predicted box with that
+    score, matched per entity against the true boxes at the IoU thresholds. A random-point baseline is the
     fraction of image area covered by the true boxes (reported as ``pointing_chance``).
 
     The pointing game is also scored on the model's other maps: ``pointing_game_saliency`` on
@@ -270,64 +280,64 @@ def grounding(model, loader, max_batches: Optional[int] = None, keep_examples: i
     model.eval()
     K = _knowledge()
     names = list(K.ENTITY_NAMES)
-    heat, boxes, chance = [], [], []
+    boxes, chance = [], []
     preds: Dict[int, list] = {}
     gts: Dict[int, list] = {}
     examples = []
     extra: Dict[str, list] = {}
     uid = 0
     for b in _limited(loader, max_batches):
-        fbs = b["finding_boxes"]
-        by_entity: Dict[int, List[Tuple[int, List]]] = {}
-        for i, fl in enumerate(fbs):
+        # one (image, entity) pair per finding entity of each image, grounded in one call per batch
+        pairs: List[Tuple[int, int, List]] = []
+        for i, fl in enumerate(b["finding_boxes"]):
             per: Dict[int, List] = {}
             for f in fl:
                 per.setdefault(int(f[0]), []).append([float(v) for v in f[1:5]])
-            for e, bx in per.items():
-                by_entity.setdefault(e, []).append((i, bx))
-        for e, items in by_entity.items():
-            idx = torch.tensor([i for i, _ in items], device=b["image"].device)
-            rb = b.get("region_boxes")
-            rm = b.get("region_mask")
-            g = model.ground(b["image"][idx], names[e], region_boxes=None if rb is None else rb[idx.to(rb.device)],
-                             region_mask=None if rm is None else rm[idx.to(rm.device)])
-            pm = g["patch_map"].float().cpu().numpy()
-            rs = g["region_scores"].float().cpu().numpy()
-            rts = g["region_text_scores"].float().cpu().numpy() if "region_text_scores" in g else None
-            sal = g["patch_saliency"].float().cpu().numpy() if "patch_saliency" in g else None
-            rbx = (rb[idx.to(rb.device)].float().cpu().numpy() if rb is not None else None)
-            for j, (i, bx) in enumerate(items):
-                heat.append(pm[j])
-                if sal is not None:
-                    extra.setdefault("saliency", []).append(sal[j])
-                if rbx is not None:
-                    extra.setdefault("region", []).append(_paint_regions(rs[j], rbx[j]))
-                    if rts is not None:
-                        extra.setdefault("region_text", []).append(_paint_regions(rts[j], rbx[j]))
-                boxes.append(bx)
-                area = np.zeros((64, 64), bool)
-                for bb in bx:
-                    area[_cells(bb)] = True
-                chance.append(area.mean())
-                for bb in bx:
-                    gts.setdefault(e, []).append((uid, bb))
-                if rbx is not None:
-                    r = int(np.argmax(rs[j]))
-                    preds.setdefault(e, []).append((uid, float(rs[j, r]), rbx[j, r].tolist()))
-                if len(examples) < keep_examples:
-                    examples.append({"image": b["image"][i].float().cpu().numpy(), "heatmap": pm[j],
-                                     "saliency": None if sal is None else sal[j],
-                                     "boxes": bx, "entity": names[e],
-                                     "region_box": None if rbx is None else rbx[j, int(np.argmax(rs[j]))].tolist()})
-                uid += 1
-    if not heat:
+            pairs.extend((i, e, bx) for e, bx in per.items())
+        if not pairs:
+            continue
+        idx = torch.tensor([i for i, _, _ in pairs])
+        rb, rm = b.get("region_boxes"), b.get("region_mask")
+        g = model.ground(b["image"][idx.to(b["image"].device)], [names[e] for _, e, _ in pairs],
+                         region_boxes=None if rb is None else rb[idx.to(rb.device)],
+                         region_mask=None if rm is None else rm[idx.to(rm.device)])
+        maps = {k: (None if g.get(k) is None else g[k].float().cpu().numpy())
+                for k in ("patch_map", "region_scores", "region_text_scores", "patch_saliency")}
+        rbx = rb[idx.to(rb.device)].float().cpu().numpy() if rb is not None else None
+        for j, (i, e, bx) in enumerate(pairs):
+            if maps["patch_map"] is not None:
+                extra.setdefault("attention", []).append(maps["patch_map"][j])
+            if maps["patch_saliency"] is not None:
+                extra.setdefault("saliency", []).append(maps["patch_saliency"][j])
+            rs = maps["region_scores"]
+            if rbx is not None and rs is not None:
+                extra.setdefault("region", []).append(_paint_regions(rs[j], rbx[j]))
+            if rbx is not None and maps["region_text_scores"] is not None:
+                extra.setdefault("region_text", []).append(_paint_regions(maps["region_text_scores"][j], rbx[j]))
+            boxes.append(bx)
+            area = np.zeros((64, 64), bool)
+            for bb in bx:
+                area[_cells(bb)] = True
+            chance.append(area.mean())
+            for bb in bx:
+                gts.setdefault(e, []).append((uid, bb))
+            top = rs if rs is not None else maps["region_text_scores"]  # the detection's region scores
+            if rbx is not None and top is not None:
+                r = int(np.argmax(top[j]))
+                preds.setdefault(e, []).append((uid, float(top[j, r]), rbx[j, r].tolist()))
+            if len(examples) < keep_examples:
+                sal = maps["patch_saliency"]
+                examples.append({"image": b["image"][i].float().cpu().numpy(), "heatmap": None if maps["patch_map"] is None else maps["patch_map"][j],
+                                 "saliency": None if sal is None else sal[j], "boxes": bx, "entity": names[e],
+                                 "region_box": None if rbx is None or rs is None else rbx[j, int(np.argmax(rs[j]))].tolist()})
+            uid += 1
+    if not boxes:
         raise ValueError("no finding boxes in the evaluated data: localization needs finding_boxes")
-    shapes = {h.shape for h in heat}
-    pg = M.pointing_game(np.stack(heat), boxes) if len(shapes) == 1 else None
-    res: Dict[str, Any] = {"pointing_game": pg["accuracy"], "pointing_chance": float(np.mean(chance)),
-                           "n_findings": len(heat)}
+    res: Dict[str, Any] = {"pointing_chance": float(np.mean(chance)), "n_findings": len(boxes)}
     for k, v in extra.items():
         res[f"pointing_game_{k}"] = M.pointing_game(np.stack(v), boxes)["accuracy"]
+    # the GK fusion's patch attention is the headline map; NaN for a model without one
+    res["pointing_game"] = res.pop("pointing_game_attention", float("nan"))
     if preds:
         per_t: Dict[str, List[float]] = {}
         for e in gts:
@@ -358,6 +368,23 @@ def report_generation(model, loader, max_length: Optional[int] = None, num_beams
     res["CIDEr-D"] = M.cider_d(hyp, ref)
     res["n_samples"] = len(hyp)
     res["examples"] = [{"generated": h, "reference": r} for h, r in list(zip(hyp, ref))[:3]]
+    return res
+
+
+def report_baseline(train_reports: Sequence[str], test_reports: Sequence[str]) -> Dict[str, Any]:
+    """The trivial report-generation baseline: the most frequent training report (the first of the most
+    frequent, exact text) as the hypothesis for every test image, scored like :func:`report_generation`."""
+    if not train_reports or not test_reports:
+        raise ValueError("report_baseline needs training and test reports")
+    counts: Dict[str, int] = {}
+    for r in train_reports:
+        counts[r] = counts.get(r, 0) + 1
+    top = max(counts, key=lambda r: counts[r])  # max keeps the first of equal counts
+    hyp = [top] * len(test_reports)
+    res: Dict[str, Any] = dict(M.bleu(hyp, list(test_reports)))
+    res["ROUGE-L"] = M.rouge_l(hyp, list(test_reports))
+    res["CIDEr-D"] = M.cider_d(hyp, list(test_reports))
+    res.update(report=top, count=counts[top], n_samples=len(hyp))
     return res
 
 

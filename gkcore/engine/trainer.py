@@ -287,21 +287,27 @@ class Trainer:
             return torch.optim.AdamW(self._param_groups(), lr=c.lr, betas=tuple(c.betas))
 
     def _param_groups(self):
-        decay, no_decay = [], []
+        """AdamW groups: weight decay on matrices only (not biases, norms, temperatures); each parameter's
+        lr is the base lr times the model's ``lr_scales()`` entry for the longest matching name prefix
+        (1 where none matches; a model without ``lr_scales`` trains everything at the base lr)."""
+        scales = dict(self.module.lr_scales()) if hasattr(self.module, "lr_scales") else {}
+        for prefix, sc in scales.items():
+            if not (isinstance(sc, (int, float)) and math.isfinite(sc) and sc > 0):
+                raise ValueError(f"lr scale for {prefix!r} must be a positive number, got {sc!r}")
+        by_len = sorted(scales, key=len, reverse=True)
+        groups: Dict[Any, Dict[str, Any]] = {}
         for name, p in self.module.named_parameters():
             if not p.requires_grad:
                 continue
             low = name.lower()
-            if p.ndim < 2 or "temp" in low or "logit_scale" in low or "norm" in low or "bias" in low:
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        groups = [{"params": decay, "weight_decay": self.config.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        if not decay and not no_decay:
+            decay = not (p.ndim < 2 or "temp" in low or "logit_scale" in low or "norm" in low or "bias" in low)
+            scale = next((float(scales[k]) for k in by_len if name == k or name.startswith(k + ".")), 1.0)
+            g = groups.setdefault((scale, decay), {"params": [], "weight_decay": self.config.weight_decay if decay
+                                                   else 0.0, "lr": self.config.lr * scale, "lr_scale": scale})
+            g["params"].append(p)
+        if not groups:
             raise ValueError("model has no trainable parameter")
-        return groups
+        return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], not k[1]))]
 
     @property
     def checkpoint_path(self) -> str:
@@ -451,7 +457,8 @@ class Trainer:
                     f"non-finite gradient norm at step {self.step + 1} (loss "
                     f"{float(comps['loss']):.4g}). Training stopped; the last good checkpoint "
                     f"({self.checkpoint_path}) is intact. Lower --lr, raise --warmup or use --amp off.")
-        lr = self.optimizer.param_groups[0]["lr"]
+        g0 = self.optimizer.param_groups[0]
+        lr = g0["lr"] / g0.get("lr_scale", 1.0)  # the base lr (groups run at base lr x their scale)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """GK-MVLP model: configs and presets, encoders, GK module, region detector, the full model.
 
-``create_model(name, backend=None, **overrides)`` builds a preset (``gk_mvlp_base``, ``gk_mvlp_tiny``);
+``create_model(name, backend=None, **overrides)`` builds a preset (``gk_mvlp_base``, ``gk_mvlp_resnet50``,
+``gk_mvlp_tiny``);
 ``backend="reference"`` forces the plain-PyTorch path of every gkcore op inside the model (parity runs).
 """
 from __future__ import annotations

@@ -14,26 +14,29 @@ from typing import Any, Callable, Dict, List, Optional
 
 from gkcore.data.reports import minilm_path
 
-__all__ = ["VisionConfig", "TextConfig", "GKConfig", "LossConfig", "GKMVLPConfig", "register_preset",
+__all__ = ["VisionConfig", "TextConfig", "GKConfig", "LossConfig", "LRScaleConfig", "GKMVLPConfig", "register_preset",
            "get_config", "list_presets", "minilm_path", "config_to_dict", "config_from_dict"]
 
 
 @dataclass
 class VisionConfig:
-    """Image encoder: a timm Vision Transformer.
+    """Image encoder: any timm model with a spatial feature map (ViT/DeiT, ResNet, ConvNeXt, Swin, hybrids).
 
-    ``model_name`` names a timm ViT architecture; ``img_size``/``patch_size``/``in_chans`` and, when not
-    None, ``embed_dim``/``depth``/``num_heads`` override it. ``checkpoint`` is an optional local file
-    (timm/PyTorch or safetensors) loaded with channel and position-embedding adaptation; never a hub id.
+    ``model_name`` names a timm architecture (built with random weights, ``in_chans`` = the model's
+    channels). ``feature_index`` picks an intermediate stage through timm's ``features_only`` (e.g. 3 =
+    ResNet's layer3, stride 16, as MedKLIP does); None = the model's final feature map. ``patch_size``,
+    ``embed_dim``, ``depth``, ``num_heads``: ViT shape overrides, passed to timm only when not None.
+    ``checkpoint`` is an optional local file (timm/PyTorch or safetensors) loaded with channel (and ViT
+    position-embedding) adaptation; never a hub id.
 
-    ``stem`` is the patch embedding: "patch" (ViT's one ``patch_size`` x ``patch_size`` convolution, as the
-    checkpoints have) or "conv" (a convolutional stem, Xiao et al. 2021, "Early convolutions help
-    transformers see better": log2(patch_size) stride-2 3x3 convolutions, each with GroupNorm and ReLU,
-    widths doubling up to the embedding width, then a 1x1 projection; same token grid), meant for ViTs
-    trained from scratch; it cannot load a checkpoint's patch weights.
+    ``stem`` (ViTs only) is the patch embedding: "patch" (one ``patch_size`` x ``patch_size``
+    convolution, as the checkpoints have) or "conv" (Xiao et al. 2021, "Early convolutions help
+    transformers see better": log2(patch_size) stride-2 3x3 convolutions with GroupNorm and ReLU, then a
+    1x1 projection; same token grid); it cannot load a checkpoint's patch weights.
     """
     model_name: str = "vit_base_patch16_224"
-    patch_size: int = 16
+    feature_index: Optional[int] = None
+    patch_size: Optional[int] = None
     embed_dim: Optional[int] = None
     depth: Optional[int] = None
     num_heads: Optional[int] = None
@@ -75,7 +78,13 @@ class TextConfig:
 
 @dataclass
 class GKConfig:
-    """GK module: knowledge queries fused with region-pooled and global patch features (GKFusion)."""
+    """GK module: knowledge queries fused with region-pooled and global patch features (GKFusion).
+
+    ``enabled=False`` builds the model without the GK module (the paper's ablation): pre-training is
+    ITC + ITM + LM only (``loss_ecls`` and ``loss_gk`` are 0), the decoder attends to the image tokens
+    alone, and zero-shot classification / grounding go through text prompts in the ITC space (CLIP /
+    ALBEF style: "{entity}" against "no {entity}"; region-aware prompts for the region scores)."""
+    enabled: bool = True
     depth: int = 2
     num_heads: int = 8
     mlp_ratio: float = 4.0
@@ -111,6 +120,17 @@ class LossConfig:
 
 
 @dataclass
+class LRScaleConfig:
+    """Learning-rate multipliers per component (times the trainer's base lr): a pretrained text tower
+    takes a much lower lr than the parts trained from scratch (the model's ``lr_scales()``)."""
+    visual: float = 1.0
+    text_encoder: float = 1.0
+    fusion_encoder: float = 1.0
+    decoder: float = 1.0
+    gk: float = 1.0
+
+
+@dataclass
 class GKMVLPConfig:
     """Everything needed to build a :class:`gkcore.models.GKMVLP`."""
     name: str = "custom"
@@ -127,6 +147,7 @@ class GKMVLPConfig:
     text: TextConfig = field(default_factory=TextConfig)
     gk: GKConfig = field(default_factory=GKConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    lr_scale: LRScaleConfig = field(default_factory=LRScaleConfig)
 
 
 # ----------------------------------------------------------------------------------------- presets
@@ -162,14 +183,29 @@ def _base() -> GKMVLPConfig:
     )
 
 
+@register_preset("gk_mvlp_resnet50")
+def _resnet50() -> GKMVLPConfig:
+    # MedKLIP's image encoder: ResNet-50 cut after layer3 (1024 channels, stride 16: a 14x14 grid at
+    # 224 px), the base preset's text towers and GK module otherwise. vision__checkpoint= a local
+    # ResNet-50 state dict (torchvision / timm names as timm loads them).
+    cfg = _base()
+    cfg.name = "gk_mvlp_resnet50"
+    cfg.vision = VisionConfig(model_name="resnet50", feature_index=3)
+    cfg.gk = GKConfig(depth=2, num_heads=8)  # 1024 = 8 x 128
+    return cfg
+
+
 @register_preset("gk_mvlp_tiny")
 def _tiny() -> GKMVLPConfig:
-    # Trains on 2 CPU cores: a 6-layer ViT (192 wide) at 128 px with 16 px patches (8x8 grid), the real
-    # MiniLM (384 wide, 6 layers: 4 text + 2 fusion), a 2-layer decoder sharing MiniLM's embeddings.
+    # Trains on 2 CPU cores: timm's resnet10t (a BatchNorm CNN, 1.2 M parameters up to layer3) cut after
+    # layer3 (256 channels, stride 16: an 8x8 grid at 128 px), the real MiniLM (384 wide, 6 layers: 4
+    # text + 2 fusion), a 2-layer decoder sharing MiniLM's embeddings. A CNN rather than a small ViT:
+    # on SynthCXR every image tower normalised per sample (LayerNorm / GroupNorm, so every ViT) collapsed
+    # to a constant embedding at this budget while BatchNorm CNNs learned (issue 13).
     mp = minilm_path()
     return GKMVLPConfig(
         name="gk_mvlp_tiny", image_size=128, channels=1, max_length=64, embed_dim=128,
-        vision=VisionConfig(model_name="vit_tiny_patch16_224", patch_size=16, depth=6),
+        vision=VisionConfig(model_name="resnet10t", feature_index=3),
         text=TextConfig(pretrained=mp, vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12,
                         intermediate_size=1536, fusion_start=4, decoder_layers=2, share_decoder_embeddings=True),
         gk=GKConfig(depth=1, num_heads=4),
@@ -184,12 +220,16 @@ def _set_path(cfg: Any, path: List[str], value: Any, full: str) -> None:
             raise ValueError(f"unknown config override {full!r}: no field {part!r}")
         obj = getattr(obj, part)
     last = path[-1]
-    if not dataclasses.is_dataclass(obj) or last not in {f.name for f in dataclasses.fields(obj)}:
+    fields = {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+    if last not in fields:
         raise ValueError(f"unknown config override {full!r}: {type(obj).__name__} has no field {last!r}")
     cur = getattr(obj, last)
     if dataclasses.is_dataclass(cur) and isinstance(value, dict):
         for k, v in value.items():
             _set_path(cur, [k], v, f"{full}.{k}")
+        return
+    if value is None and "Optional" in str(fields[last].type):  # an optional field may be unset
+        setattr(obj, last, None)
         return
     setattr(obj, last, _checked(cur, value, full))
 
@@ -230,6 +270,6 @@ def config_from_dict(d: Dict[str, Any]) -> GKMVLPConfig:
     # differs from the old behaviour needs its old value here
     if isinstance(d.get("text"), dict) and "pooling" not in d["text"]:
         d["text"] = {**d["text"], "pooling": "cls"}  # saved before ``text.pooling`` existed: CLS features
-    parts = {"vision": VisionConfig, "text": TextConfig, "gk": GKConfig, "loss": LossConfig}
+    parts = {"vision": VisionConfig, "text": TextConfig, "gk": GKConfig, "loss": LossConfig, "lr_scale": LRScaleConfig}
     kw = {k: (parts[k](**v) if k in parts else v) for k, v in d.items()}
     return GKMVLPConfig(**kw)

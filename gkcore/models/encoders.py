@@ -1,4 +1,5 @@
-"""Encoders of GK-MVLP: the timm ViT image encoder and the BERT-family text towers.
+"""Encoders of GK-MVLP: the timm image encoder (any timm model with a feature grid) and the BERT-family
+text towers.
 
 Text towers are built from BERT layers written here (post-norm, exactly BERT's math) with the parameter
 names of ``transformers``' ``BertModel`` (``attention.self.query`` ...), so any local BERT checkpoint
@@ -49,16 +50,38 @@ class ConvStem(nn.Module):
         return self.layers(x)
 
 
-class ImageEncoder(nn.Module):
-    """timm Vision Transformer: images (B, C, H, W) -> tokens (B, 1 + gh*gw, Dv) (CLS first, final norm).
+def _create_timm(timm, name: str, image_size: int, kw: Dict) -> nn.Module:
+    """``timm.create_model(name, img_size=image_size, **kw)`` for models that take an input size (ViT,
+    DeiT, Swin: their patch grid and position embeddings depend on it); without ``img_size`` for the
+    fully convolutional ones (ResNet, ConvNeXt), whose constructors refuse it."""
+    try:
+        return timm.create_model(name, img_size=image_size, **kw)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+    return timm.create_model(name, **kw)
 
-    Built with ``pretrained=False``; a local ``checkpoint`` file is loaded through timm's own loader
-    (``pretrained_cfg_overlay=dict(file=...)``) which adapts RGB patch weights to ``in_chans`` and
-    resamples position embeddings to the grid. No hub access happens either way. ``cfg.stem == "conv"``
-    replaces the patch projection by a :class:`ConvStem` (same grid).
+
+class ImageEncoder(nn.Module):
+    """Any timm image model with a spatial feature map: images (B, C, H, W) -> tokens (B, 1 + gh*gw, Dv).
+
+    The first token is the pooled image feature, the rest are the feature map's cells in row-major order:
+
+    * ViT-family models (a ``num_prefix_tokens >= 1`` model, e.g. ViT, DeiT): the final-normed tokens
+      of ``forward_features``, the CLS token first (further prefix tokens such as registers are dropped);
+    * convolutional and hierarchical models (ResNet, ConvNeXt, Swin, hybrids): the feature map of
+      ``forward_features`` (or, with ``feature_index``, of that stage through timm's ``features_only``,
+      e.g. 3 = ResNet's layer3 at stride 16 as in MedKLIP), flattened, with its global average first.
+
+    ``grid_size`` (gh, gw) and ``width`` Dv are read from the model by running it once on an empty image
+    of the configured size (on the parameters' device; the meta device works). Built with
+    ``pretrained=False``; a local ``checkpoint`` file (timm/PyTorch or safetensors) is loaded through
+    timm's own loader, which adapts the first convolution to ``in_chans`` and resamples ViT position
+    embeddings; no hub access happens either way. ``cfg.stem == "conv"`` replaces a ViT's patch
+    projection by a :class:`ConvStem` (same grid).
     """
 
-    def __init__(self, cfg: VisionConfig, image_size: int, channels: int, dropout: float = 0.0):
+    def __init__(self, cfg: VisionConfig, image_size: int, channels: int):
         super().__init__()
         import timm
 
@@ -67,28 +90,74 @@ class ImageEncoder(nn.Module):
         if cfg.stem == "conv" and cfg.checkpoint:
             raise ValueError("vision.stem='conv' cannot load a ViT checkpoint (its patch weights would be dropped); "
                              "use stem='patch' with a checkpoint")
-        kw = dict(img_size=image_size, patch_size=cfg.patch_size, in_chans=channels, num_classes=0,
-                  drop_path_rate=cfg.drop_path_rate, proj_drop_rate=0.0)
-        for name in ("embed_dim", "depth", "num_heads"):
+        kw: Dict = dict(in_chans=channels)
+        if cfg.drop_path_rate:
+            kw["drop_path_rate"] = cfg.drop_path_rate
+        for name in ("patch_size", "embed_dim", "depth", "num_heads"):  # ViT shape overrides
             if getattr(cfg, name) is not None:
                 kw[name] = getattr(cfg, name)
+        if cfg.feature_index is not None:
+            kw.update(features_only=True, out_indices=(int(cfg.feature_index),))
+        else:
+            kw["num_classes"] = 0
         if cfg.checkpoint:
             if not os.path.isfile(cfg.checkpoint):
                 raise ValueError(f"vision checkpoint {cfg.checkpoint!r} is not a file (hub ids are not fetched)")
-            self.vit = timm.create_model(cfg.model_name, pretrained=True,
-                                         pretrained_cfg_overlay=dict(file=os.path.abspath(cfg.checkpoint)), **kw)
+            kw.update(pretrained=True, pretrained_cfg_overlay=dict(file=os.path.abspath(cfg.checkpoint)))
         else:
-            self.vit = timm.create_model(cfg.model_name, pretrained=False, **kw)
-        if getattr(self.vit, "num_prefix_tokens", 1) != 1:
-            raise ValueError(f"vision model {cfg.model_name!r} must have exactly one prefix (CLS) token")
-        self.width = self.vit.embed_dim
+            kw["pretrained"] = False
+        try:
+            self.backbone = _create_timm(timm, cfg.model_name, image_size, kw)
+        except (TypeError, RuntimeError) as e:
+            given = {k: kw[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "feature_index") if k in kw}
+            raise ValueError(f"vision.model_name={cfg.model_name!r} cannot be built with {given or kw}: {e}") from e
+        self.features_only = cfg.feature_index is not None
+        self.num_prefix = 0 if self.features_only else int(getattr(self.backbone, "num_prefix_tokens", 0) or 0)
         if cfg.stem == "conv":
-            self.vit.patch_embed.proj = ConvStem(channels, self.width, cfg.patch_size)
-        self.grid_size: Tuple[int, int] = tuple(self.vit.patch_embed.grid_size)
+            if not self.num_prefix:
+                raise ValueError(f"vision.stem='conv' replaces a ViT's patch embedding; {cfg.model_name!r} is not a ViT")
+            embed = self.backbone.patch_embed
+            embed.proj = ConvStem(channels, embed.proj.out_channels, embed.proj.kernel_size[0])
         self.channels, self.image_size = channels, image_size
+        self.grid_size, self.width = self._probe()
+
+    def _probe(self) -> Tuple[Tuple[int, int], int]:
+        """(gh, gw) and Dv from one forward pass on an empty image (eval mode, no autograd)."""
+        p = next(self.backbone.parameters())
+        x = torch.zeros(1, self.channels, self.image_size, self.image_size, device=p.device, dtype=p.dtype)
+        was = self.backbone.training
+        self.backbone.eval()
+        try:
+            with torch.no_grad():
+                out = self._features(x)
+        finally:
+            self.backbone.train(was)
+        if out.dim() == 3:  # ViT tokens: the grid comes from the patch embedding
+            grid = tuple(int(g) for g in self.backbone.patch_embed.grid_size)
+            if grid[0] * grid[1] != out.shape[1] - self.num_prefix:
+                raise ValueError(f"vision model returned {out.shape[1]} tokens, not {self.num_prefix} + {grid}")
+            return grid, int(out.shape[-1])
+        return (int(out.shape[2]), int(out.shape[3])), int(out.shape[1])
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        """ViT tokens (B, P + N, D) or a feature map (B, D, gh, gw) (channels-last maps are permuted)."""
+        if self.features_only:
+            out, width = self.backbone(images)[0], self.backbone.feature_info.channels()[0]
+        else:
+            out, width = self.backbone.forward_features(images), self.backbone.num_features
+        if out.dim() == 4 and out.shape[1] != width and out.shape[-1] == width:  # NHWC (Swin, ...)
+            out = out.permute(0, 3, 1, 2)
+        if out.dim() not in (3, 4) or (out.dim() == 3 and not self.num_prefix):
+            raise ValueError(f"vision model returned features of shape {tuple(out.shape)}: a spatial feature map "
+                             "(B, C, H, W) or ViT tokens with a CLS token are needed")
+        return out
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vit.forward_features(images)
+        out = self._features(images)
+        if out.dim() == 3:  # pooled = CLS; patch tokens after every prefix token
+            return torch.cat([out[:, :1], out[:, self.num_prefix:]], 1) if self.num_prefix > 1 else out
+        tokens = out.flatten(2).transpose(1, 2)  # (B, gh*gw, D)
+        return torch.cat([tokens.mean(1, keepdim=True), tokens], 1)
 
 
 # -------------------------------------------------------------------------------------------- BERT

@@ -3,7 +3,8 @@
 Components (B batch, L tokens, Nv = 1 + gh*gw image tokens, Dv / Dt vision / text widths, De embed dim,
 E knowledge entities, R = 29 regions):
 
-* ``visual`` :class:`ImageEncoder` (timm ViT): images (B, C, H, W) -> tokens (B, Nv, Dv).
+* ``visual`` :class:`ImageEncoder` (any timm model with a feature grid: ViT, ResNet, ...): images
+  (B, C, H, W) -> tokens (B, Nv, Dv), the pooled feature (ViT CLS / CNN global average) first.
 * ``text_encoder`` :class:`TextEncoder` (BERT layers ``0..fusion_start``): (B, L) -> (B, L, Dt).
 * ``fusion_encoder`` :class:`FusionEncoder` (BERT layers with cross-attention to image tokens) and the
   ITM head ``Linear(Dt, 2)`` on the fused CLS.
@@ -11,9 +12,11 @@ E knowledge entities, R = 29 regions):
   memory) with the LM head ``lm_head`` (``gkcore.nn.LinearCrossEntropy``; weight tied to the word
   embeddings when ``text.tie_lm_head``).
 * ``gk`` :class:`GKModule`: knowledge queries (entity prompts encoded by the text tower) fused with
-  region-pooled and global patch features; per-entity present/absent head; grounding maps.
+  region-pooled and global patch features; per-entity present/absent head; grounding maps. None with
+  ``gk.enabled=False`` (the ablation: ITC + ITM + LM only, ``loss_ecls`` = ``loss_gk`` = 0, zero-shot
+  and grounding through text prompts in the ITC space, see :mod:`~gkcore.models.inference`).
 * ``detector`` :class:`RegionDetector`: region boxes from the batch, the atlas, or a Faster R-CNN.
-* ``vision_proj`` / ``text_proj``: Linear to De (from the ViT CLS token / the report encoder's masked mean
+* ``vision_proj`` / ``text_proj``: Linear to De (from the pooled image token / the report encoder's masked mean
   over tokens, ``text.pooling``), features L2-normalised; momentum copies
   ``visual_m``, ``vision_proj_m``, ``text_encoder_m``, ``text_proj_m`` (EMA, ``loss.momentum``).
 
@@ -96,7 +99,7 @@ def _drop_books_after_step(optimizer, args, kwargs) -> None:
         return
     updated = {id(p) for g in optimizer.param_groups for p in g["params"] if p.grad is not None}
     for model in list(_CACHED_BOOKS):
-        if not updated.isdisjoint(model._book[1]):
+        if not updated.isdisjoint(model._cached_param_ids()):
             model.invalidate_caches()
 
 
@@ -161,10 +164,11 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
             raise ValueError(f"text.pooling must be 'mean' or 'cls', got {tc.pooling!r}")
         if gc.knowledge_encoder not in ("online", "frozen"):
             raise ValueError(f"gk.knowledge_encoder must be 'online' or 'frozen', got {gc.knowledge_encoder!r}")
-        if gc.knowledge_encoder == "frozen":
-            if not gc.freeze_knowledge_encoder:
-                raise ValueError("gk.knowledge_encoder='frozen' contradicts gk.freeze_knowledge_encoder=False")
+        if gc.knowledge_encoder == "frozen" and not gc.freeze_knowledge_encoder:
+            raise ValueError("gk.knowledge_encoder='frozen' contradicts gk.freeze_knowledge_encoder=False")
+        if gc.knowledge_encoder == "frozen" and gc.enabled:
             # a frozen copy of the (pretrained) text tower: the knowledge book is computed once and cached
+            # (no copy without the GK module, which alone reads the book)
             self.knowledge_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
             self.knowledge_proj = copy.deepcopy(self.text_proj).requires_grad_(False)
 
@@ -174,10 +178,11 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
                                               backend=backend)
         if tc.tie_lm_head:
             self.lm_head.weight = self.decoder.embed.word_embeddings.weight
-        self.ecls_temp = nn.Parameter(torch.tensor(float(lc.temperature)))
+        # LECLS temperature (no LECLS without the GK module: kept, frozen, for a uniform state dict)
+        self.ecls_temp = nn.Parameter(torch.tensor(float(lc.temperature)), requires_grad=bool(gc.enabled))
 
         # --- GK module and region boxes
-        self.gk = GKModule(Dv, Dt, gc.num_heads, gc.depth, gc.mlp_ratio, backend=backend)
+        self.gk = GKModule(Dv, Dt, gc.num_heads, gc.depth, gc.mlp_ratio, backend=backend) if gc.enabled else None
         self.detector = RegionDetector(gc.detector, gc.detector_backbone, config.image_size, config.channels)
         if self.detector.detector is not None:
             self.detector.requires_grad_(False)  # trained on its own (FasterRCNNRegionDetector.loss)
@@ -191,6 +196,7 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
             m.requires_grad_(False)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._book = None  # (key, ids of the knowledge towers' parameters, prompt_feats, prompt_emb)
+        self._prompt_cache: Dict = {}  # text-prompt embeddings of the inference API (prompt_embeddings)
         self.register_load_state_dict_post_hook(_drop_book_after_load)
         # ITM sampling generator: a module attribute, so the trainer saves and restores its state with the
         # other RNG states; made and kept on the model's device by _itm_rng only
@@ -250,7 +256,7 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
     def knowledge_towers(self) -> Tuple[nn.Module, nn.Module]:
         """(text encoder, projection) that encode the knowledge prompts: the online report encoder, or its
         frozen copy with ``gk.knowledge_encoder="frozen"``."""
-        if self.config.gk.knowledge_encoder == "frozen":
+        if getattr(self, "knowledge_text", None) is not None:
             return self.knowledge_text, self.knowledge_proj
         return self.text_encoder, self.text_proj
 
@@ -271,6 +277,36 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
             emb = F.normalize(proj(cls), dim=-1)
         return cls.to(dtype), emb.to(dtype)
 
+    def prompt_embeddings(self, prompts: Sequence[str], device=None, dtype=None) -> torch.Tensor:
+        """Normalised ITC-space embeddings (P, De) of text prompts by the online report encoder, cached per
+        prompt until the online text tower changes (an optimizer step over it or ``load_state_dict`` drops the
+        cache, as for the knowledge book), so that grounding and prompt zero-shot do not re-encode their
+        prompts at every call."""
+        device = device or self.vision_proj.weight.device
+        dtype = dtype or self.vision_proj.weight.dtype
+        ids = tuple(id(p) for p in list(self.text_encoder.parameters()) + list(self.text_proj.parameters()))
+        key = (ids, str(device), dtype)
+        if self._prompt_cache.get("key") != key:
+            self._prompt_cache = {"key": key, "ids": frozenset(ids)}
+            _watch_optimizer_steps()
+            _CACHED_BOOKS.add(self)
+        cache = self._prompt_cache
+        new = list(dict.fromkeys(p for p in prompts if p not in cache))
+        if new:
+            _, emb = self._encode_prompts(new, device, dtype, grad=False, online=True)
+            cache.update(zip(new, emb.detach()))
+        return torch.stack([cache[p] for p in prompts])
+
+    def lr_scales(self) -> Dict[str, float]:
+        """Learning-rate multiplier per module-name prefix (``config.lr_scale``), read by the trainer's
+        parameter groups; parameters under no prefix (projections, heads, temperatures) take 1."""
+        s = self.config.lr_scale
+        out = {"visual": s.visual, "text_encoder": s.text_encoder, "fusion_encoder": s.fusion_encoder,
+               "decoder": s.decoder}
+        if self.gk is not None:
+            out["gk"] = s.gk
+        return {k: float(v) for k, v in out.items()}
+
     def knowledge_book(self, device=None, dtype=None, grad: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Entity prompt features ``(feats (E, Dt), emb (E, De))``; cached unless ``grad`` (module docstring)."""
         device = device or self.vision_proj.weight.device
@@ -289,11 +325,17 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         return self._book[2], self._book[3]
 
     def invalidate_caches(self) -> None:
-        """Drop the cached knowledge book; the next :meth:`knowledge_book` recomputes it. Optimizer steps
+        """Drop the cached knowledge book and prompt embeddings; the next :meth:`knowledge_book` recomputes it. Optimizer steps
         and ``load_state_dict`` call this by themselves (module docstring); call it after changing the
         knowledge towers' weights any other way."""
         self._book = None
+        self._prompt_cache = {}
         _CACHED_BOOKS.discard(self)
+
+    def _cached_param_ids(self) -> frozenset:
+        """Ids of the parameters the cached knowledge book and prompt embeddings were computed from."""
+        book = self._book[1] if self._book is not None else frozenset()
+        return book | self._prompt_cache.get("ids", frozenset())
 
     # ------------------------------------------------------------------------------------- checks
     def check_batch(self, batch: Dict) -> int:
@@ -385,15 +427,19 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         loss_itc = self.itc(img_feat, txt_feat, img_m, txt_m, alpha=alpha)
         loss_itm = self._itm_loss(img_tokens, img_feat, txt_hidden, txt_feat, att, study)
 
-        # ---- knowledge book, GK module, entity losses
-        freeze = self.config.gk.freeze_knowledge_encoder
-        feats, emb = self.knowledge_book(dev, dt, grad=not freeze and self.training)
-        if labels.shape[1] != feats.shape[0]:
-            raise ValueError(f"batch['entity_labels'] has {labels.shape[1]} entities, the knowledge book {feats.shape[0]}")
-        loss_ecls = self._ecls_loss(img_feat, emb, labels)
+        # ---- knowledge book, GK module, entity losses (none without the GK module)
         boxes, rmask = self.detector(images, batch["region_boxes"].to(dev, dt), batch["region_mask"].to(dev))
-        gk = self._run_gk(img_tokens[:, 1:], boxes, rmask, feats, book=feats)
-        loss_gk = self._gk_loss(gk["logits"], labels)
+        if self.gk is not None:
+            freeze = self.config.gk.freeze_knowledge_encoder
+            feats, emb = self.knowledge_book(dev, dt, grad=not freeze and self.training)
+            if labels.shape[1] != feats.shape[0]:
+                raise ValueError(f"batch['entity_labels'] has {labels.shape[1]} entities, the knowledge book "
+                                 f"{feats.shape[0]}")
+            loss_ecls = self._ecls_loss(img_feat, emb, labels)
+            gk = self._run_gk(img_tokens[:, 1:], boxes, rmask, feats, book=feats)
+            loss_gk = self._gk_loss(gk["logits"], labels)
+        else:
+            gk, loss_ecls, loss_gk = None, torch.zeros((), device=dev, dtype=dt), torch.zeros((), device=dev, dtype=dt)
 
         # ---- LM
         loss_lm = self._lm_loss(img_tokens, gk, rmask, ids, att)
@@ -406,8 +452,9 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
                 "loss_ecls": loss_ecls, "loss_gk": loss_gk, "alpha": torch.tensor(float(alpha))}
 
     def _decoder_memory(self, img_tokens, gk, rmask):
-        """Decoder cross-attention tokens: image tokens, then (``gk.decoder_attends_gk``) the GK memory."""
-        if not self.config.gk.decoder_attends_gk:
+        """Decoder cross-attention tokens: image tokens, then (``gk.decoder_attends_gk``) the GK memory;
+        the image tokens alone without the GK module (``gk`` None)."""
+        if gk is None or not self.config.gk.decoder_attends_gk:
             return img_tokens, None
         mem, mm = GKModule.memory(gk, rmask)
         ones = torch.ones(img_tokens.shape[:2], dtype=torch.long, device=img_tokens.device)
@@ -425,6 +472,8 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
     def _run_gk(self, patches, boxes, rmask, queries, book=None, with_regions=True):
         """The GK module on patch tokens with the prompt features ``queries`` (rows of the knowledge book
         or other prompts), centred on the book's mean when ``gk.center_queries``."""
+        if self.gk is None:
+            raise RuntimeError("this model has no GK module (gk.enabled=False)")
         return self.gk(patches, self.visual.grid_size, boxes, rmask, queries, with_regions=with_regions,
                        prompt_center=self._query_center(book))
 
