@@ -175,36 +175,67 @@ def test_paint_regions_spreads_each_score_over_its_box():
 
 
 def test_demo_end_to_end_small(tmp_path, capsys):
-    """``gkcore demo`` on a few images with the shrunken model: the table, the before/after metrics,
-    the figures, the checkpoint and results.json (the full-size run is in the README)."""
+    """``gkcore demo --ablation`` on a few images with the shrunken model: the table with every downstream
+    task, the before/after/no-GK metrics, the baselines, the figures, the checkpoint and a valid results.json
+    (the full-size run is in the README)."""
     from gkcore.cli import main
     from gkcore.engine.demo import DEMO_OVERRIDES
 
     out = str(tmp_path / "demo")
     sets = [f"{k}={json.dumps(v)}" for k, v in {**OVERRIDES, **DEMO_OVERRIDES, "loss.queue_size": 16}.items()]
-    argv = ["demo", "--out", out, "--n", "24", "--size", "96", "--steps", "3", "--batch-size", "8", "--no-progress"]
+    argv = ["demo", "--out", out, "--n", "24", "--size", "96", "--steps", "3", "--batch-size", "8", "--no-progress",
+            "--gen-images", "4"]
     for x in sets:
         argv += ["--set", x]
-    assert main(argv) == 0
+    assert main(argv + ["--ablation"]) == 0
     text = capsys.readouterr().out
     for row in ("zero-shot AUROC (macro)", "pointing game (GK saliency)", "pointing game (GK attention)",
-                "image->report R@1", "over 3 steps"):
+                "image->report R@1", "report BLEU-4 (greedy)", "report CIDEr-D (greedy)",
+                "linear probe AUROC, 5% labels", "linear probe AUROC, 100% labels", "image embedding cosine",
+                "over 3 steps", "no-GK", "its true report:"):
         assert row in text, row
-    r = json.load(open(os.path.join(out, "results.json")))
+    raw = open(os.path.join(out, "results.json")).read()
+    assert "NaN" not in raw and "Infinity" not in raw
+    r = json.loads(raw)
     assert r["train"]["steps"] == 3 and r["train"]["status"] == "completed"
+    for part in ("before", "after", "ablation"):
+        assert 0.0 <= r[part]["zero_shot_auroc"] <= 1.0, part
+        assert 0.0 <= r[part]["bleu4"] <= 1.0 and r[part]["cider"] >= 0.0, part
+        assert -1.0 <= r[part]["embedding_cosine"] <= 1.0, part
     for part in ("before", "after"):
-        assert 0.0 <= r[part]["zero_shot_auroc"] <= 1.0 and 0.0 <= r[part]["pointing_game_saliency"] <= 1.0
+        assert 0.0 <= r[part]["pointing_game_saliency"] <= 1.0
+    assert r["ablation"]["pointing_game"] is None  # no GK attention map without the GK module
+    assert set(r["probe"]) == {"0.05", "0.2", "1"} and all("after" in v and "no_gk" in v for v in r["probe"].values())
+    assert r["baseline"]["zero_shot_auroc"] == 0.5 and 0.0 <= r["baseline"]["bleu4"] <= 1.0
+    assert isinstance(r["baseline"]["report"], str) and r["baseline"]["report"]
+    assert set(r["train"]["loss_trend"]) >= {"loss", "loss_itc"}
     assert r["above_chance_after_pretraining"] == bool(
         r["after"]["zero_shot_auroc"] > 0.5 and r["after"]["pointing_game_saliency"] > r["after"]["pointing_chance"])
-    for f in ("loss_curves.png", "grounding_before.png", "grounding_after.png"):
+    for f in ("loss_curves.png", "loss_curves_no_gk.png", "grounding_before.png", "grounding_after.png"):
         assert open(os.path.join(out, f), "rb").read(8) == b"\x89PNG\r\n\x1a\n", f
     from gkcore.models import GKMVLP
 
     m = GKMVLP.load(os.path.join(out, "model.safetensors"))
-    assert m.config.image_size == 64 and m.config.vision.stem == "patch" and m.config.dropout == 0.0
+    assert m.config.image_size == 64 and m.config.dropout == 0.0
     # a second run reuses the generated images
     assert main(argv + ["--steps", "1"]) == 0
     assert "reusing the synthetic set" in capsys.readouterr().out
+
+
+def test_demo_loss_trend_and_json_safe():
+    """The second-half check flags a component that rises and not one that falls or stays flat; NaN becomes
+    null so results.json is valid JSON."""
+    from gkcore.engine.demo import json_safe, loss_trend
+
+    hist = [{"loss": 10.0 - 0.01 * s, "loss_itc": 2.0 + (0.01 * s if s > 50 else 0.0), "loss_lm": 1.0, "step": s}
+            for s in range(100)]
+    t = loss_trend(hist)
+    assert not t["loss"]["rising"] and t["loss_itc"]["rising"] and not t["loss_lm"]["rising"]
+    assert "step" not in t
+    assert loss_trend(hist[:3]) == {}
+    doc = json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": np.float32(0.5), "d": {"e": 2}})
+    assert doc == {"a": None, "b": [1.0, None], "c": 0.5, "d": {"e": 2}}
+    json.dumps(doc, allow_nan=False)
 
 
 def test_plots(tmp_path):

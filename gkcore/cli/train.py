@@ -65,12 +65,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_pretrain)
 
     # ------------------------------------------------------------------ demo
-    from gkcore.engine.demo import DEFAULTS
+    from gkcore.engine.demo import DEFAULTS, GEN_IMAGES
 
     d = subparsers.add_parser(
         "demo", help="the main job: synthetic data, evaluate, pre-train gk_mvlp_tiny, evaluate again (CPU, ~10 min)",
-        description="Generate a small SynthCXR set, evaluate gk_mvlp_tiny zero-shot (AUROC, pointing game), "
-                    "pre-train it, evaluate again, print a table and save plots.")
+        description="Generate a small SynthCXR set, evaluate gk_mvlp_tiny on every downstream task (zero-shot "
+                    "AUROC, pointing game and mAP, retrieval, report generation, linear probe), pre-train it, "
+                    "evaluate again, print a table next to chance and save plots; --ablation adds the model "
+                    "without the GK module.")
     d.add_argument("--out", default="gkcore-demo", help="output folder (default ./gkcore-demo)")
     d.add_argument("--n", type=int, default=DEFAULTS["n"], help="number of synthetic images")
     d.add_argument("--size", type=int, default=DEFAULTS["size"], help="synthetic image size (px)")
@@ -85,6 +87,11 @@ def register(subparsers) -> None:
     d.add_argument("--regenerate", action="store_true", help="regenerate the data even if present")
     d.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="gk_mvlp_tiny config override (repeatable; replaces the demo's own overrides)")
+    d.add_argument("--ablation", action="store_true",
+                   help="also pre-train the same model without the GK module (ITC + ITM + LM) on the same data, "
+                        "split, seed and budget, and add its column to the table")
+    d.add_argument("--gen-images", type=int, default=GEN_IMAGES,
+                   help=f"held-out images scored for report generation (default {GEN_IMAGES})")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 
@@ -174,7 +181,8 @@ def cmd_demo(args) -> int:
     res = run_demo(args.out, n=args.n, size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                    warmup=args.warmup, seed=args.seed, device=args.device, num_threads=args.num_threads,
                    progress=not args.no_progress, backend=args.backend, reuse_data=not args.regenerate,
-                   overrides=_parse_set(args.set) if args.set else None)
+                   overrides=_parse_set(args.set) if args.set else None, ablation=args.ablation,
+                   gen_images=args.gen_images)
     if res["train"]["status"] != "completed":
         return 130
     if not res["above_chance_after_pretraining"]:
