@@ -134,9 +134,9 @@ def _cpu_chunks(query, keys, scale, sq, idx, mask, alpha, eps, loss, lse, lse_m,
         n = min(rows, M - r0)
         z = torch.mm(qs[r0:r0 + n], kt, out=buf[:n])
         zm = torch.mm(qms[r0:r0 + n], kt, out=bufm[:n]) if qms is not None else None
-        C.info_nce_rows_cpu(code, z.dataptr(), ptr(zm), idx[r0:].dataptr() if mask is None else 0,
-                            mask[r0:].dataptr() if mask is not None else 0, n, N, float(alpha), float(eps),
-                            loss[r0:].dataptr(), lse[r0:].dataptr(), lse_m[r0:].dataptr() if zm is not None else 0,
+        C.info_nce_rows_cpu(code, z.data_ptr(), ptr(zm), idx[r0:].data_ptr() if mask is None else 0,
+                            mask[r0:].data_ptr() if mask is not None else 0, n, N, float(alpha), float(eps),
+                            loss[r0:].data_ptr(), lse[r0:].data_ptr(), lse_m[r0:].data_ptr() if zm is not None else 0,
                             grad)
         yield r0, n, z
 
