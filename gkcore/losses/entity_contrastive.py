@@ -18,6 +18,8 @@ from typing import Optional, Union
 
 import torch
 
+from ..ops._checks import check_scalar
+
 __all__ = ["entity_contrastive_loss"]
 
 
@@ -86,6 +88,7 @@ def entity_contrastive_loss(image_emb: torch.Tensor, entity_emb: torch.Tensor, l
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     scale = _check_scale(scale)
+    check_scalar("scale", scale, image_emb.device)  # before the early return below: a NaN scale never passes
     if labels.dtype != torch.bool and labels.numel():
         ok = (labels == 1) | (labels == 0) | (labels == -1)
         if not bool(ok.all()):

@@ -19,6 +19,7 @@ import torch
 
 from ..reference.region_attention import region_attention_reference
 from . import _triton
+from ._checks import check_grid
 from ._util import check_same_device, check_tensor, new_output
 from .region_pool import check_roi_args
 from .registry import Backend, register_op
@@ -52,11 +53,7 @@ def validate(q, k, v, boxes, grid_size, region_mask, output_size, sampling_ratio
         raise ValueError(f"shared q must have shape (H={H}, P, d={d}), got {tuple(q.shape)}")
     if d == 0:
         raise ValueError("k has head dimension 0")
-    if grid_size is None or len(grid_size) != 2:
-        raise ValueError(f"grid_size must be (gh, gw), got {grid_size!r}")
-    gh, gw = int(grid_size[0]), int(grid_size[1])
-    if gh <= 0 or gw <= 0:
-        raise ValueError(f"grid_size must be positive, got {(gh, gw)}")
+    gh, gw = check_grid(grid_size)
     if gh * gw != N:
         hint = " (a leading CLS token? strip it first)" if gh * gw + 1 == N else ""
         raise ValueError(f"grid_size {(gh, gw)} gives {gh * gw} patches but k has N={N}{hint}")
@@ -73,7 +70,7 @@ def validate(q, k, v, boxes, grid_size, region_mask, output_size, sampling_ratio
             raise ValueError(f"region_mask must have shape (B={B}, R={R}), got {tuple(region_mask.shape)}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    check_roi_args(boxes, output_size, sampling_ratio)
+    check_roi_args(boxes, output_size, sampling_ratio, (gh, gw))
     return gh, gw
 
 
