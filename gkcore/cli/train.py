@@ -97,7 +97,9 @@ def cmd_pretrain(args) -> int:
     from gkcore.models.config import config_to_dict
 
     from gkcore.engine import launch as D
-    from gkcore.engine.trainer import NonFiniteLossError, TrainConfig, Trainer, seed_everything
+    from gkcore.engine.outdir import OutputLockedError
+    from gkcore.engine.trainer import (CheckpointError, DataError, NonFiniteLossError, TrainConfig, Trainer,
+                                       seed_everything)
 
     file_cfg: Dict[str, Any] = {}
     if args.config:
@@ -150,6 +152,10 @@ def cmd_pretrain(args) -> int:
             if info.is_main:
                 print(f"error: {e}", file=sys.stderr)
             return 3
+        except (CheckpointError, DataError, OutputLockedError) as e:  # the message names the file or folder
+            if info.is_main:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
         if info.is_main:
             if res.status == "completed":
                 path = os.path.join(args.out, "model.safetensors")
