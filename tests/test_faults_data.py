@@ -133,3 +133,30 @@ def test_worker_processes_refill_the_same_way(bad_ds):
     # one epoch checks only the samples it reaches: the counts match the inline run's
     assert runs[1][1]["rejected"] == runs[0][1]["rejected"] and runs[1][1]["rejected"]
     assert runs[1][1]["repaired"] == runs[0][1]["repaired"]
+
+
+def test_gk_mvlp_run_survives_an_unreadable_image_with_an_odd_batch_size(tmp_path, capsys):
+    """The issue's case: one unreadable image and a batch size that does not divide the ITC queue
+    (16 here, batch 3) used to end the run at the first step."""
+    from gkcore import create_model
+    from gkcore.data import SynthCXR
+    from gkcore.data.synth import generate
+    from gkcore.engine import evaluate as EV
+    from test_model_gk_mvlp import MICRO
+
+    root = tmp_path / "synth"
+    generate(str(root), 10, 64, 0, progress=False)
+    ds = SynthCXR(str(root))
+    with open(ds[4].path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)  # a truncated PNG
+    torch.manual_seed(0)
+    model = create_model("gk_mvlp_tiny", **MICRO)
+    assert model.config.loss.queue_size % 3
+    loader = EV.make_loader(model, ds, batch_size=3, train=True, num_threads=0, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = Trainer(model, loader, _cfg(4), str(tmp_path / "run"), device="cpu").fit()
+    assert res.status == "completed" and res.step == 4
+    assert all(np.isfinite(r["loss"]) for r in res.history)
+    assert loader.summary()["rejected"] == {"unreadable image": 1}
+    assert "data: 1 sample left out (unreadable image: 1)" in capsys.readouterr().err
