@@ -90,6 +90,12 @@ def register(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- commands
+#: TrainConfig field -> the flag that sets it (for error messages)
+_FLAG = {"steps": "--steps", "lr": "--lr", "weight_decay": "--weight-decay", "warmup_steps": "--warmup",
+         "grad_accum": "--grad-accum", "clip_grad": "--clip", "amp": "--amp", "alpha": "--alpha",
+         "log_every": "--log-every", "ckpt_every": "--ckpt-every", "seed": "--seed"}
+
+
 def cmd_pretrain(args) -> int:
 
     from gkcore import create_model
@@ -103,9 +109,13 @@ def cmd_pretrain(args) -> int:
 
     file_cfg: Dict[str, Any] = {}
     if args.config:
-        with open(args.config) as f:
-            file_cfg = json.load(f)
-        if "preset" not in file_cfg:
+        try:
+            with open(args.config) as f:
+                file_cfg = json.load(f)
+        except (OSError, ValueError) as e:  # ValueError: invalid JSON or text
+            print(f"error: --config {args.config}: {e}", file=sys.stderr)
+            return 2
+        if not isinstance(file_cfg, dict) or "preset" not in file_cfg:
             print(f"error: {args.config} has no 'preset' entry", file=sys.stderr)
             return 2
     preset = args.preset or file_cfg["preset"]
@@ -119,8 +129,26 @@ def cmd_pretrain(args) -> int:
         if v is not None:
             tcfg[key] = v
     tcfg["progress"] = not args.no_progress
-    config = TrainConfig(**tcfg).validate()
-    batch_size = args.batch_size or int(file_cfg.get("batch_size", 32))
+    try:
+        config = TrainConfig(**tcfg)
+        bad = config.problems()
+    except TypeError as e:  # an unknown key in the config file's "train"
+        print(f"error: --config {args.config}: {e}", file=sys.stderr)
+        return 2
+    if bad:  # every value is checked before any work is done; the message names the flag
+        name, why = bad[0]
+        print(f"error: {_FLAG.get(name, name)} {why}", file=sys.stderr)
+        return 2
+    batch_size = args.batch_size if args.batch_size is not None else file_cfg.get("batch_size", 32)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        print(f"error: --batch-size must be an int >= 1, got {batch_size!r}", file=sys.stderr)
+        return 2
+    if args.num_threads < 0:
+        print(f"error: --num-threads must be >= 0, got {args.num_threads}", file=sys.stderr)
+        return 2
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        print(f"error: --resume {args.resume}: checkpoint not found", file=sys.stderr)
+        return 2
 
     info = D.init_from_env(args.device)
     try:
