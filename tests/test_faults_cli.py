@@ -35,3 +35,13 @@ def test_invalid_config_file_is_named(tmp_path, capsys):
     rc = main(["pretrain", "--config", str(cfg), "--data", "synth:/x", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith(f"error: --config {cfg}:"), err
+
+
+def test_out_that_is_a_file_is_named(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for out in (f, f / "sub"):
+        rc = main(BASE + ["--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"error: --out: output folder {out} is not writable"), err
+    assert f.read_text() == "x"

@@ -149,6 +149,12 @@ def cmd_pretrain(args) -> int:
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         print(f"error: --resume {args.resume}: checkpoint not found", file=sys.stderr)
         return 2
+    from gkcore.engine.outdir import check_writable
+    try:
+        check_writable(args.out)
+    except OSError as e:
+        print(f"error: --out: {e.strerror}", file=sys.stderr)
+        return 2
 
     info = D.init_from_env(args.device)
     try:
@@ -180,9 +186,9 @@ def cmd_pretrain(args) -> int:
             if info.is_main:
                 print(f"error: {e}", file=sys.stderr)
             return 3
-        except (CheckpointError, DataError, OutputLockedError) as e:  # the message names the file or folder
+        except (CheckpointError, DataError, OutputLockedError, OSError) as e:  # the message names the file or folder
             if info.is_main:
-                print(f"error: {e}", file=sys.stderr)
+                print(f"error: {e.strerror if isinstance(e, OSError) and e.strerror else e}", file=sys.stderr)
             return 2
         if info.is_main:
             if res.status == "completed":

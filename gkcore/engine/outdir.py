@@ -79,9 +79,9 @@ def lock_output(path: str) -> Iterator[str]:
 def check_writable(path: str) -> None:
     """Raise ``OSError`` naming ``path`` unless a file can be created in it (creating the folder first)."""
     try:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise NotADirectoryError(errno.ENOTDIR, "it exists and is not a folder", path)
         os.makedirs(path, exist_ok=True)
-        if not os.path.isdir(path):
-            raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", path)
         probe = os.path.join(path, f".gkcore-write-test.tmp-{os.getpid()}")
         with open(probe, "wb") as f:
             f.write(b"x")

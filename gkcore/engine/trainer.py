@@ -419,7 +419,7 @@ class Trainer:
         self._takes_alpha = "alpha" in inspect.signature(self.module.forward).parameters
         self._amp = self.device.type == "cuda" and config.amp in ("auto", "bf16") or config.amp == "bf16"
         if self.info.is_main:
-            os.makedirs(self.out, exist_ok=True)
+            outdir.check_writable(self.out)  # a read-only or misnamed --out fails here, naming it
 
     # ---------------------------------------------------------------- set-up helpers
     def _make_optimizer(self) -> torch.optim.Optimizer:
