@@ -45,3 +45,32 @@ def test_out_that_is_a_file_is_named(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith(f"error: --out: output folder {out} is not writable"), err
     assert f.read_text() == "x"
+
+
+def test_eval_refuses_an_empty_or_truncated_safetensors_naming_it(tmp_path, capsys):
+    from gkcore import create_model
+    from test_model_gk_mvlp import MICRO
+
+    good = tmp_path / "model.safetensors"
+    create_model("gk_mvlp_tiny", **MICRO).save(str(good))
+    data = good.read_bytes()
+    for name, content in (("empty", b""), ("junk", b"abc"), ("half", data[: len(data) // 2]),
+                          ("short", data[:-1])):
+        f = tmp_path / f"{name}.safetensors"
+        f.write_bytes(content)
+        rc = main(["eval", "--task", "zero-shot", "--checkpoint", str(f), "--data", "synth:/nonexistent"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"error: --checkpoint {f} is not a readable safetensors file"), (name, err)
+
+
+@pytest.mark.parametrize("flags,names", [
+    (["--steps", "0"], "steps must be an int >= 1"), (["--n", "-5"], "n must be an int >= 8"),
+    (["--size", "10"], "size must be an int in [64, 2048]"), (["--batch-size", "0"], "batch_size must be"),
+    (["--lr", "nan"], "lr must be a finite number > 0"), (["--warmup", "-1"], "warmup must be an int >= 0"),
+])
+def test_demo_misuse_fails_before_generating_data(tmp_path, capsys, flags, names):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--out", str(out), "--no-progress"] + flags)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: demo: ") and names in err, err
+    assert not out.exists()

@@ -208,8 +208,14 @@ def cmd_pretrain(args) -> int:
 def cmd_demo(args) -> int:
     import torch
 
-    from gkcore.engine.demo import run_demo
+    from gkcore.engine.demo import DEFAULTS, _check_args, run_demo
 
+    try:  # every value before any data is generated
+        _check_args(args.n, args.size, args.steps, args.batch_size, args.lr, args.warmup,
+                    DEFAULTS["eval_fraction"], args.num_threads)
+    except ValueError as e:
+        print(f"error: demo: {e}", file=sys.stderr)
+        return 2
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
     res = run_demo(args.out, n=args.n, size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                    warmup=args.warmup, seed=args.seed, device=args.device, num_threads=args.num_threads,

@@ -55,6 +55,30 @@ def _fmt(v) -> str:
     return "  n/a " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:6.3f}"
 
 
+def _check_args(n, size, steps, batch_size, lr, warmup, eval_fraction, num_threads) -> None:
+    """Raise ``ValueError`` naming the first bad argument, before any data is generated."""
+    from .trainer import TrainConfig
+
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not integer(n) or n < 8:
+        raise ValueError(f"n must be an int >= 8 (a train and a test split), got {n!r}")
+    if not integer(size) or not 64 <= size <= 2048:
+        raise ValueError(f"size must be an int in [64, 2048], got {size!r}")
+    if not integer(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not integer(num_threads) or num_threads < 0:
+        raise ValueError(f"num_threads must be an int >= 0, got {num_threads!r}")
+    if not isinstance(eval_fraction, (int, float)) or not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
+    names = {"steps": "steps", "lr": "lr", "warmup_steps": "warmup"}
+    bad = TrainConfig(steps=steps, lr=lr, warmup_steps=warmup).problems()
+    bad = [(names[k], why) for k, why in bad if k in names]
+    if bad:
+        raise ValueError(f"{bad[0][0]} {bad[0][1]}")
+
+
 def run_demo(out: str = "gkcore-demo", *, n: int = DEFAULTS["n"], size: int = DEFAULTS["size"],
              steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
              warmup: int = DEFAULTS["warmup"], eval_fraction: float = DEFAULTS["eval_fraction"],
@@ -68,8 +92,7 @@ def run_demo(out: str = "gkcore-demo", *, n: int = DEFAULTS["n"], size: int = DE
 
     from .plots import plot_grounding, plot_loss_curves
 
-    if n < 8:
-        raise ValueError(f"n must be >= 8 (a train and a test split), got {n}")
+    _check_args(n, size, steps, batch_size, lr, warmup, eval_fraction, num_threads)
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     data_dir = os.path.join(out, "synthcxr")
