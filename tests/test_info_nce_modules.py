@@ -216,24 +216,50 @@ def test_itc_temperature_clamp(start, clamped):
     torch.testing.assert_close(lo, lr.detach(), rtol=1e-10, atol=1e-12)
 
 
-def test_itc_queue_divisibility_error_and_eval():
+def test_itc_queue_takes_any_batch_size_and_eval():
+    """A batch that does not divide the queue (a skipped sample, an odd --batch-size) wraps around the
+    queue's end instead of stopping the run; a batch larger than the queue leaves its last Q rows."""
     D = 8
     ours = ITCLoss(D, 10, backend="reference")
     v, t, vm, tm = _feats(torch.Generator().manual_seed(0), 4, D, torch.float32)
-    with pytest.raises(ValueError, match=r"queue_size 10 is not divisible by the global batch size 4"):
+    for step in range(3):  # rows 0-3, 4-7, then 8, 9, 0, 1
         ours(v, t, vm, tm)
-    assert int(ours.queue_ptr) == 0
-    # eval mode: no enqueue, so any batch size is accepted and the queues stay as they were
+    assert int(ours.queue_ptr) == 2
+    assert torch.equal(ours.image_queue[8:10], vm[:2]) and torch.equal(ours.image_queue[0:2], vm[2:4])
+    assert torch.equal(ours.text_queue[4:8], tm)
+    big = ITCLoss(D, 3, backend="reference")
+    big(v, t, vm, tm)
+    # rows 1, 2, 3 land at 1, 2, 0 (as if written one by one from 0): the pointer ends at 4 % 3 = 1
+    assert int(big.queue_ptr) == 1
+    assert torch.equal(big.image_queue, vm[[3, 1, 2]])
+    # eval mode: no enqueue, and the queues stay as they were
     ours.eval()
     before = ours.image_queue.clone()
     loss = ours(v, t, vm, tm, alpha=0.4)
     assert torch.isfinite(loss)
-    assert torch.equal(ours.image_queue, before) and int(ours.queue_ptr) == 0
+    assert torch.equal(ours.image_queue, before) and int(ours.queue_ptr) == 2
     ours.train()
-    ok = ITCLoss(D, 12, backend="reference")
-    ok(v, t, vm, tm)
-    assert int(ok.queue_ptr) == 4
-    torch.testing.assert_close(ok.image_queue[:4], vm)
+    with pytest.raises(ValueError, match="no rows"):
+        ours(v[:0], t[:0], vm[:0], tm[:0])
+
+
+def test_itc_queue_never_takes_non_finite_features():
+    """A NaN momentum feature (a diverged step a user loop skips) must not poison later losses."""
+    D = 8
+    ours = ITCLoss(D, 16, backend="reference")
+    v, t, vm, tm = _feats(torch.Generator().manual_seed(1), 4, D, torch.float32)
+    before = ours.image_queue.clone()
+    bad_vm = vm.clone()
+    bad_vm[1, 3] = float("nan")
+    bad_tm = tm.clone()
+    bad_tm[2, 0] = float("inf")
+    loss = ours(v, t, bad_vm, bad_tm)
+    assert not torch.isfinite(loss)  # the bad batch's own loss is non-finite, as it must be
+    assert torch.isfinite(ours.image_queue).all() and torch.isfinite(ours.text_queue).all()
+    assert torch.equal(ours.image_queue[[1, 2]], before[[1, 2]])  # skipped rows keep the old features
+    assert torch.equal(ours.image_queue[[0, 3]], vm[[0, 3]])
+    assert int(ours.queue_ptr) == 4
+    assert torch.isfinite(ours(v, t, vm, tm))  # the next batch trains normally
 
 
 def test_itc_no_queue_and_input_errors():

@@ -97,6 +97,12 @@ def register(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- commands
+#: TrainConfig field -> the flag that sets it (for error messages)
+_FLAG = {"steps": "--steps", "lr": "--lr", "weight_decay": "--weight-decay", "warmup_steps": "--warmup",
+         "grad_accum": "--grad-accum", "clip_grad": "--clip", "amp": "--amp", "alpha": "--alpha",
+         "log_every": "--log-every", "ckpt_every": "--ckpt-every", "seed": "--seed"}
+
+
 def cmd_pretrain(args) -> int:
 
     from gkcore import create_model
@@ -104,13 +110,19 @@ def cmd_pretrain(args) -> int:
     from gkcore.models.config import config_to_dict
 
     from gkcore.engine import launch as D
-    from gkcore.engine.trainer import NonFiniteLossError, TrainConfig, Trainer, seed_everything
+    from gkcore.engine.outdir import OutputLockedError
+    from gkcore.engine.trainer import (CheckpointError, DataError, NonFiniteLossError, TrainConfig, Trainer,
+                                       seed_everything)
 
     file_cfg: Dict[str, Any] = {}
     if args.config:
-        with open(args.config) as f:
-            file_cfg = json.load(f)
-        if "preset" not in file_cfg:
+        try:
+            with open(args.config) as f:
+                file_cfg = json.load(f)
+        except (OSError, ValueError) as e:  # ValueError: invalid JSON or text
+            print(f"error: --config {args.config}: {e}", file=sys.stderr)
+            return 2
+        if not isinstance(file_cfg, dict) or "preset" not in file_cfg:
             print(f"error: {args.config} has no 'preset' entry", file=sys.stderr)
             return 2
     preset = args.preset or file_cfg["preset"]
@@ -124,8 +136,32 @@ def cmd_pretrain(args) -> int:
         if v is not None:
             tcfg[key] = v
     tcfg["progress"] = not args.no_progress
-    config = TrainConfig(**tcfg).validate()
-    batch_size = args.batch_size or int(file_cfg.get("batch_size", 32))
+    try:
+        config = TrainConfig(**tcfg)
+        bad = config.problems()
+    except TypeError as e:  # an unknown key in the config file's "train"
+        print(f"error: --config {args.config}: {e}", file=sys.stderr)
+        return 2
+    if bad:  # every value is checked before any work is done; the message names the flag
+        name, why = bad[0]
+        print(f"error: {_FLAG.get(name, name)} {why}", file=sys.stderr)
+        return 2
+    batch_size = args.batch_size if args.batch_size is not None else file_cfg.get("batch_size", 32)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        print(f"error: --batch-size must be an int >= 1, got {batch_size!r}", file=sys.stderr)
+        return 2
+    if args.num_threads < 0:
+        print(f"error: --num-threads must be >= 0, got {args.num_threads}", file=sys.stderr)
+        return 2
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        print(f"error: --resume {args.resume}: checkpoint not found", file=sys.stderr)
+        return 2
+    from gkcore.engine.outdir import check_writable
+    try:
+        check_writable(args.out)
+    except OSError as e:
+        print(f"error: --out: {e.strerror}", file=sys.stderr)
+        return 2
 
     info = D.init_from_env(args.device)
     try:
@@ -157,6 +193,10 @@ def cmd_pretrain(args) -> int:
             if info.is_main:
                 print(f"error: {e}", file=sys.stderr)
             return 3
+        except (CheckpointError, DataError, OutputLockedError, OSError) as e:  # the message names the file or folder
+            if info.is_main:
+                print(f"error: {e.strerror if isinstance(e, OSError) and e.strerror else e}", file=sys.stderr)
+            return 2
         if info.is_main:
             if res.status == "completed":
                 path = os.path.join(args.out, "model.safetensors")
@@ -175,8 +215,14 @@ def cmd_pretrain(args) -> int:
 def cmd_demo(args) -> int:
     import torch
 
-    from gkcore.engine.demo import run_demo
+    from gkcore.engine.demo import DEFAULTS, _check_args, run_demo
 
+    try:  # every value before any data is generated
+        _check_args(args.n, args.size, args.steps, args.batch_size, args.lr, args.warmup,
+                    DEFAULTS["eval_fraction"], args.num_threads)
+    except ValueError as e:
+        print(f"error: demo: {e}", file=sys.stderr)
+        return 2
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
     res = run_demo(args.out, n=args.n, size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                    warmup=args.warmup, seed=args.seed, device=args.device, num_threads=args.num_threads,

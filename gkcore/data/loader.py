@@ -43,9 +43,19 @@ Sharding: each epoch the sample order is a permutation seeded by ``(seed, epoch)
 In training the order is first cut to a multiple of ``world_size`` so ranks are disjoint and equal;
 in evaluation it is padded by repeating its first entries so every sample is seen.
 
-A missing or corrupt image is reported (``warnings`` + ``loader.skipped`` as (path, reason)) and left
-out of its batch (the batch is then smaller; a batch with nothing left is skipped).
-``loader.summary()`` counts them.
+Bad samples: every record is checked before its image is read (:func:`gkcore.data.sample.check_sample`).
+A record that cannot be used (unreadable image, a record the dataset cannot load, a label value other
+than 1/0/-1, a wrong number of labels, an empty or missing report, region boxes not of shape (29, 4), a
+bad study id) is left out; a record with a swapped or non-finite box is kept with that box left out (its
+region marked unknown, a finding box dropped; never flipped). Each is reported once (``warnings``) and
+counted by reason: ``loader.summary()["rejected"]`` and ``["repaired"]`` map each reason to the number of
+distinct samples (``loader.skipped`` keeps every (path, reason) occurrence).
+
+Full batches (``refill``, on by default in training): a batch slot that loses samples takes the next
+usable samples of the epoch order after it (wrapping around), so every batch has its nominal size
+whatever the number of bad samples; the refill samples also appear in their own slot. A slot depends
+only on (seed, epoch, slot), so resuming is unchanged. In evaluation (``refill=False``) every sample is
+seen once and a batch that lost samples is smaller; a batch with nothing left is not yielded.
 """
 from __future__ import annotations
 
@@ -53,13 +63,14 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from .io import ImageReadError, encode_png, image_size, read_image, sniff_format
 from .knowledge import NUM_REGIONS
+from .sample import UNLOADABLE_RECORD, UNREADABLE_IMAGE, SampleRejected, check_sample
 
 MEAN = 0.471
 STD = 0.302
@@ -229,7 +240,7 @@ class _Common:
     """Dataset access, ordering, sharding, RNG, collation shared by both backends."""
 
     def __init__(self, dataset, batch_size, image_size, *, tokenizer, max_length, channels, train, device,
-                 rank, world_size, num_threads, seed, drop_last, augment, progress):
+                 rank, world_size, num_threads, seed, drop_last, augment, progress, refill=None):
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"dataset must be a sequence of Sample records, got {type(dataset).__name__}")
         if int(batch_size) <= 0:
@@ -263,8 +274,10 @@ class _Common:
         self.epoch = 0
         self._start = 0  # batch slot the next iter() starts at (set_position)
         self.position: Optional[Tuple[int, int]] = None  # (epoch, slot + 1) of the last yielded batch
+        self.refill = self.train if refill is None else bool(refill)
         self.skipped: List[Tuple[str, str]] = []
         self._skipped_set = set()
+        self._notes: Dict[Tuple[str, str], str] = {}  # (path, reason) -> "rejected" | "repaired"
         self.batches_seen = 0
         self.samples_seen = 0
         from .knowledge import ENTITY_NAMES
@@ -320,6 +333,11 @@ class _Common:
         nb = len(idx) // b if self.drop_last else -(-len(idx) // b)
         return [idx[i * b:(i + 1) * b] for i in range(nb)]
 
+    def _slots(self, epoch: int, start: int):
+        """(order, [(slot, nominal size), ...]) of the epoch from batch slot ``start`` on."""
+        order = self._order(epoch)
+        return order, [(start + k, len(b)) for k, b in enumerate(self._batches(epoch)[start:])]
+
     def __len__(self) -> int:
         n = len(self._order(0))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
@@ -333,12 +351,41 @@ class _Common:
             self._skipped_set.add((path, reason))
             warnings.warn(f"gkcore.data: skipping {path}: {reason}", RuntimeWarning, stacklevel=3)
 
+    def _note(self, kind: str, path: str, reason: str, detail: str) -> None:
+        """Count a rejected (left out) or repaired sample once per (path, reason)."""
+        if kind == "rejected":
+            self._report_skip(path, f"{reason} ({detail})" if detail else reason)
+        elif (path, reason) not in self._notes:
+            warnings.warn(f"gkcore.data: {path}: {reason}: the box is left out", RuntimeWarning, stacklevel=3)
+        self._notes.setdefault((path, reason), kind)
+
+    def counts(self) -> Dict[str, Dict[str, int]]:
+        """``{"rejected": {reason: samples}, "repaired": {reason: samples}}``, distinct samples per reason."""
+        out: Dict[str, Dict[str, int]] = {"rejected": {}, "repaired": {}}
+        for (_, reason), kind in self._notes.items():
+            out[kind][reason] = out[kind].get(reason, 0) + 1
+        return {k: dict(sorted(v.items())) for k, v in out.items()}
+
+    def restore_counts(self, counts: Dict[str, Dict[str, Any]]) -> None:
+        """Take over the distinct (path, reason) notes of an earlier run (a resumed training run)."""
+        for kind, items in (counts or {}).get("notes", {}).items():
+            for path, reason in items:
+                self._notes.setdefault((path, reason), kind)
+
+    def state_counts(self) -> Dict[str, Any]:
+        """The notes as JSON-able data, for :meth:`restore_counts`."""
+        notes: Dict[str, List[List[str]]] = {"rejected": [], "repaired": []}
+        for (path, reason), kind in sorted(self._notes.items()):
+            notes[kind].append([path, reason])
+        return {"notes": notes}
+
     def summary(self) -> Dict[str, Any]:
-        """Counts: batches and samples yielded, skipped samples (unique paths) and their reasons."""
+        """Counts: batches and samples yielded, skipped samples (unique paths) and their reasons, and the
+        rejected / repaired samples by reason (:meth:`counts`)."""
         paths = sorted({p for p, _ in self.skipped})
         return dict(batches=self.batches_seen, samples=self.samples_seen, skipped=len(self.skipped),
                     skipped_unique=len(paths), skipped_paths=paths,
-                    dataset_skipped=len(getattr(self.dataset, "skipped", []) or []))
+                    dataset_skipped=len(getattr(self.dataset, "skipped", []) or []), **self.counts())
 
     def _finish(self, recs: List[Dict[str, Any]], images: torch.Tensor) -> Dict[str, Any]:
         """Assemble the batch dict; ``images`` (B, 1, H, W) float32 (already normalised)."""
@@ -388,25 +435,53 @@ def _normalise_uint8_range(img255: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # PIL backend
 
-def _pil_prepare(common_state: Dict[str, Any], dataset, idxs: Sequence[int], epoch: int):
-    """Decode and transform one batch on the host (runs in a worker process or inline).
+def _slot_candidates(order: np.ndarray, slot: int, batch_size: int, refill: bool) -> Iterator[int]:
+    """Dataset indices batch slot ``slot`` draws from, in order: its own samples, then (``refill``) the
+    rest of the epoch order after it, wrapping around."""
+    n, s0 = len(order), slot * batch_size
+    if not refill:
+        yield from (int(i) for i in order[s0:s0 + batch_size])
+        return
+    for j in range(n):
+        yield int(order[(s0 + j) % n])
 
-    Returns (records, images float32 (B, 1, H, W) normalised, skipped [(path, reason)]).
+
+def _checked(dataset, i: int, num_entities: int):
+    """``(sample, repairs, None)`` for a usable record, else ``(None, [], note)``; a note is
+    (kind, path, reason, detail)."""
+    try:
+        raw = dataset[int(i)]
+    except Exception as e:  # a broken record
+        return None, [], ("rejected", f"{type(dataset).__name__}[{int(i)}]", UNLOADABLE_RECORD, str(e))
+    try:
+        sample, repairs = check_sample(raw, num_entities, NUM_REGIONS)
+    except SampleRejected as e:
+        return None, [], ("rejected", e.path, e.reason, e.detail)
+    return sample, [("repaired", sample.path, r, "") for r in repairs], None
+
+
+def _pil_prepare(common_state: Dict[str, Any], dataset, cands, need: int, epoch: int):
+    """Decode and transform one batch on the host (runs in a worker process or inline): the first
+    ``need`` usable samples of the indices ``cands``.
+
+    Returns (records, images float32 (B, 1, H, W) normalised, notes [(kind, path, reason, detail)]).
     """
     out_hw, seed, train, aug = common_state["out_hw"], common_state["seed"], common_state["train"], \
         common_state["augment"]
-    recs, imgs, skipped = [], [], []
-    for i in idxs:
-        try:
-            sample = dataset[int(i)]
-        except Exception as e:  # a broken record
-            skipped.append((f"{type(dataset).__name__}[{int(i)}]", f"sample cannot be loaded ({e})"))
+    recs, imgs, notes = [], [], []
+    for i in cands:
+        if len(recs) >= need:
+            break
+        sample, repairs, note = _checked(dataset, i, common_state["num_entities"])
+        if note is not None:
+            notes.append(note)
             continue
         try:
             grey = read_image(sample.path)
         except ImageReadError as e:
-            skipped.append((e.path, e.reason))
+            notes.append(("rejected", e.path, UNREADABLE_IMAGE, e.reason))
             continue
+        notes.extend(repairs)
         rng = np.random.default_rng([seed, epoch, int(i)]) if train else None
         orig_wh = (grey.shape[1], grey.shape[0])
         plan = plan_sample(orig_wh, out_hw, rng, aug)
@@ -417,18 +492,21 @@ def _pil_prepare(common_state: Dict[str, Any], dataset, idxs: Sequence[int], epo
         arr = _normalise_uint8_range(arr)
     else:
         arr = torch.zeros((0, 1) + tuple(out_hw), dtype=torch.float32)
-    return recs, arr, skipped
+    return recs, arr, notes
 
 
 class _BatchSet(torch.utils.data.Dataset):
-    def __init__(self, state, dataset, batches, epoch):
-        self.state, self.dataset, self.batches, self.epoch = state, dataset, batches, epoch
+    def __init__(self, state, dataset, order, slots, epoch):
+        self.state, self.dataset, self.order, self.slots, self.epoch = state, dataset, order, slots, epoch
 
     def __len__(self):
-        return len(self.batches)
+        return len(self.slots)
 
     def __getitem__(self, k):
-        return _pil_prepare(self.state, self.dataset, self.batches[k], self.epoch)
+        slot, need = self.slots[k]
+        st = self.state
+        cands = _slot_candidates(self.order, slot, st["batch_size"], st["refill"])
+        return _pil_prepare(st, self.dataset, cands, need, self.epoch)
 
 
 class PILLoader(_Common):
@@ -437,24 +515,25 @@ class PILLoader(_Common):
     backend = "pil"
 
     def _state(self):
-        return dict(out_hw=self.out_hw, seed=self.seed, train=self.train, augment=self.augment)
+        return dict(out_hw=self.out_hw, seed=self.seed, train=self.train, augment=self.augment,
+                    num_entities=self.num_entities, batch_size=self.batch_size, refill=self.refill)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         epoch = self.epoch
         self.epoch += 1
         start = self._take_start()
-        batches = self._batches(epoch)[start:]
-        if self.num_threads > 0 and len(batches) > 1:
-            dl = torch.utils.data.DataLoader(_BatchSet(self._state(), self.dataset, batches, epoch),
-                                             batch_size=None, shuffle=False, num_workers=self.num_threads,
+        order, slots = self._slots(epoch, start)
+        bs = _BatchSet(self._state(), self.dataset, order, slots, epoch)
+        if self.num_threads > 0 and len(slots) > 1:
+            dl = torch.utils.data.DataLoader(bs, batch_size=None, shuffle=False, num_workers=self.num_threads,
                                              pin_memory=self.device.type == "cuda",
                                              persistent_workers=False, prefetch_factor=2)
             it = iter(dl)
         else:
-            it = (_pil_prepare(self._state(), self.dataset, b, epoch) for b in batches)
-        for k, (recs, imgs, skipped) in enumerate(self._wrap(it, len(batches))):
-            for p, r in skipped:
-                self._report_skip(p, r)
+            it = (bs[k] for k in range(len(bs)))
+        for k, (recs, imgs, notes) in enumerate(self._wrap(it, len(slots))):
+            for note in notes:
+                self._note(*note)
             if not recs:
                 continue
             self.position = (epoch, start + k + 1)
@@ -515,14 +594,15 @@ class DALILoader(_Common):
         p.build()
         return p
 
-    def _host(self, idxs: Sequence[int], epoch: int):
-        """Read bytes and plan every sample of a batch; returns (items, skipped)."""
+    def _host(self, cands: Iterator[int], epoch: int, need: int):
+        """Read bytes and plan the next ``need`` usable samples of ``cands``; returns (items, notes)."""
         items, skipped = [], []
-        for i in idxs:
-            try:
-                sample = self.dataset[int(i)]
-            except Exception as e:
-                skipped.append((f"{type(self.dataset).__name__}[{int(i)}]", f"sample cannot be loaded ({e})"))
+        if need <= 0:
+            return items, skipped
+        for i in cands:
+            sample, repairs, note = _checked(self.dataset, i, self.num_entities)
+            if note is not None:
+                skipped.append(note)
                 continue
             path = str(sample.path)
             try:
@@ -542,10 +622,12 @@ class DALILoader(_Common):
                     data = np.frombuffer(encode_png(grey), np.uint8)
                     wh = (grey.shape[1], grey.shape[0])
             except ImageReadError as e:
-                skipped.append((e.path, e.reason))
+                skipped.append(("rejected", e.path, UNREADABLE_IMAGE, e.reason))
                 continue
             plan = plan_sample(wh, self.out_hw, self._rng(epoch, i), self.augment)
-            items.append((sample, plan, wh, data))
+            items.append((sample, plan, wh, data, repairs))
+            if len(items) >= need:
+                break
         return items, skipped
 
     def _run(self, items):
@@ -584,7 +666,7 @@ class DALILoader(_Common):
                     read_image(it[0].path)
                     good.append(it)
                 except ImageReadError as err:
-                    bad.append((err.path, err.reason))
+                    bad.append(("rejected", err.path, UNREADABLE_IMAGE, err.reason))
             if not bad:
                 raise RuntimeError(f"DALI failed on a batch whose files all decode with PIL: {e}") from e
             if not good:
@@ -595,20 +677,30 @@ class DALILoader(_Common):
         epoch = self.epoch
         self.epoch += 1
         start = self._take_start()
-        batches = self._batches(epoch)[start:]
-        for k, b in enumerate(self._wrap(batches, len(batches))):
-            items, skipped = self._host(b, epoch)
-            for p, r in skipped:
-                self._report_skip(p, r)
+        order, slots = self._slots(epoch, start)
+        for k, (slot, need) in enumerate(self._wrap(slots, len(slots))):
+            cands = _slot_candidates(order, slot, self.batch_size, self.refill)
+            items: List[Any] = []
+            imgs = None
+            while True:  # top up to ``need`` usable samples; a file DALI cannot decode is dropped and replaced
+                more, notes = self._host(cands, epoch, need - len(items))
+                for note in notes:
+                    self._note(*note)
+                items += more
+                if not items:
+                    break
+                items, imgs, bad = self._decode_safely(items)
+                for note in bad:
+                    self._note(*note)
+                if not bad or not more:
+                    break
             if not items:
                 continue
-            items, imgs, bad = self._decode_safely(items)
-            for p, r in bad:
-                self._report_skip(p, r)
-            if not items:
-                continue
-            self.position = (epoch, start + k + 1)
-            yield self._finish([self._record(s, p, wh) for s, p, wh, _ in items], imgs)
+            for it in items:
+                for note in it[4]:
+                    self._note(*note)
+            self.position = (epoch, slot + 1)
+            yield self._finish([self._record(s, p, wh) for s, p, wh, _, _ in items], imgs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -616,7 +708,8 @@ class DALILoader(_Common):
 def build_loader(dataset, batch_size: int, image_size: Union[int, Tuple[int, int]], *, tokenizer=None,
                  max_length: int = 128, channels: int = 1, train: bool = True, device="auto", rank: int = 0,
                  world_size: int = 1, num_threads: int = 2, seed: int = 0, drop_last: Optional[bool] = None,
-                 backend: str = "auto", augment: Optional[Augment] = None, progress: bool = False):
+                 backend: str = "auto", augment: Optional[Augment] = None, progress: bool = False,
+                 refill: Optional[bool] = None):
     """An iterable of batch dicts (module docstring / docs/api.md); ``len()`` = batches per epoch.
 
     - ``dataset``: a sequence of :class:`gkcore.data.Sample` (SynthCXR, MimicCXR, IUXray) or a spec
@@ -627,6 +720,8 @@ def build_loader(dataset, batch_size: int, image_size: Union[int, Tuple[int, int
     - ``num_threads``: DALI CPU threads / PIL DataLoader worker processes (0 = inline).
     - ``drop_last``: None = ``train``. ``backend``: "auto" | "dali" | "pil".
     - ``augment``: :class:`Augment` ranges for training; ``progress``: a tqdm bar per epoch.
+    - ``refill``: None = ``train``; keep every batch full by taking the next usable samples in place of
+      the bad ones (module docstring).
     """
     if isinstance(dataset, (str, os.PathLike)):
         from .adapters import open_dataset
@@ -639,4 +734,4 @@ def build_loader(dataset, batch_size: int, image_size: Union[int, Tuple[int, int
     cls = DALILoader if backend == "dali" else PILLoader
     return cls(dataset, batch_size, image_size, tokenizer=tokenizer, max_length=max_length, channels=channels,
                train=train, device=device, rank=rank, world_size=world_size, num_threads=num_threads, seed=seed,
-               drop_last=drop_last, augment=augment, progress=progress)
+               drop_last=drop_last, augment=augment, progress=progress, refill=refill)

@@ -189,6 +189,30 @@ def _public(r: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in r.items() if not k.startswith("_")}
 
 
+def _check_args(n, size, steps, batch_size, lr, warmup, eval_fraction, num_threads) -> None:
+    """Raise ``ValueError`` naming the first bad argument, before any data is generated."""
+    from .trainer import TrainConfig
+
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not integer(n) or n < 8:
+        raise ValueError(f"n must be an int >= 8 (a train and a test split), got {n!r}")
+    if not integer(size) or not 64 <= size <= 2048:
+        raise ValueError(f"size must be an int in [64, 2048], got {size!r}")
+    if not integer(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not integer(num_threads) or num_threads < 0:
+        raise ValueError(f"num_threads must be an int >= 0, got {num_threads!r}")
+    if not isinstance(eval_fraction, (int, float)) or not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
+    names = {"steps": "steps", "lr": "lr", "warmup_steps": "warmup"}
+    bad = TrainConfig(steps=steps, lr=lr, warmup_steps=warmup).problems()
+    bad = [(names[k], why) for k, why in bad if k in names]
+    if bad:
+        raise ValueError(f"{bad[0][0]} {bad[0][1]}")
+
+
 def run_demo(out: str = "gkcore-demo", *, n: int = DEFAULTS["n"], size: int = DEFAULTS["size"],
              steps: int = DEFAULTS["steps"], batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"],
              warmup: int = DEFAULTS["warmup"], eval_fraction: float = DEFAULTS["eval_fraction"],
@@ -203,10 +227,7 @@ def run_demo(out: str = "gkcore-demo", *, n: int = DEFAULTS["n"], size: int = DE
 
     from .plots import plot_grounding, plot_loss_curves
 
-    if n < 8:
-        raise ValueError(f"n must be >= 8 (a train and a test split), got {n}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    _check_args(n, size, steps, batch_size, lr, warmup, eval_fraction, num_threads)
     if gen_images < 1:
         raise ValueError(f"gen_images must be >= 1, got {gen_images}")
     if any(not 0.0 < float(f) <= 1.0 for f in probe_fractions):

@@ -37,7 +37,13 @@ def load_model(path: str, device: str = "cpu", backend: Optional[str] = None):
     if not os.path.isfile(path):
         raise ValueError(f"--checkpoint {path!r} does not exist")
     if path.endswith(".safetensors"):
-        return GKMVLP.load(path, backend=backend, device=device)
+        from safetensors import SafetensorError
+
+        try:
+            return GKMVLP.load(path, backend=backend, device=device)
+        except SafetensorError as e:  # empty, truncated or not a safetensors file
+            raise ValueError(f"--checkpoint {path} is not a readable safetensors file (empty, truncated or "
+                             f"damaged): {e}") from None
     from gkcore.models.config import config_from_dict
 
     from .trainer import load_checkpoint

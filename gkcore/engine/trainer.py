@@ -34,13 +34,19 @@ Schedule, with ``s`` the number of completed optimiser steps, ``W`` warm-up step
 The ITC soft-target weight ``alpha`` is the model's own schedule (GK-MVLP: ALBEF's ramp,
 ``loss.alpha_warmup_steps``); ``TrainConfig.alpha`` set passes that constant as ``model(batch, alpha=a)``.
 
-Checkpoint files are ``torch.save`` dicts written to ``<name>.tmp-<pid>`` in the same folder, flushed
-and fsync-ed, then ``os.replace``-d onto ``<name>``: a crash never leaves a torn checkpoint.
+Checkpoint files are ``torch.save`` dicts followed by a trailer holding the SHA-256 digest and length
+of what precedes it; they are written to ``<name>.tmp-<pid>`` in the same folder, flushed and fsync-ed,
+then ``os.replace``-d onto ``<name>``, after the checkpoint it replaces became ``<stem>.prev<ext>``: a crash
+never leaves a torn checkpoint, and :func:`load_checkpoint` refuses a file whose bytes changed since
+(:class:`CheckpointError`, naming the file). :meth:`Trainer.load` then falls back to the previous
+checkpoint, saying so. While it runs, :meth:`Trainer.fit` holds an exclusive lock on the output folder
+(a second run on it fails at once) and first removes ``*.tmp-<pid>`` files of processes that are gone.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -58,16 +64,30 @@ import numpy as np
 import torch
 
 from . import launch as D
+from . import outdir
 
-__all__ = ["TrainConfig", "Trainer", "TrainResult", "NonFiniteLossError", "save_checkpoint_atomic",
-           "load_checkpoint", "cosine_with_warmup", "CHECKPOINT_NAME", "LOG_NAME"]
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "NonFiniteLossError", "CheckpointError", "DataError",
+           "save_checkpoint_atomic", "load_checkpoint", "previous_checkpoint", "cosine_with_warmup",
+           "CHECKPOINT_NAME", "LOG_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
+_FORMATS = ("gkcore-train-v1", "gkcore-train-v2")  # v2: written with a digest trailer
+_TRAILER_MAGIC = b"\nGKCORE-SHA256:"
+_TRAILER_LEN = len(_TRAILER_MAGIC) + 64 + 1 + 20 + 1  # magic, hex digest, ":", 20-digit length, "\n"
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when a loss is NaN or inf; the last good checkpoint on disk is left untouched."""
+    """Raised when a loss or a gradient is NaN or inf; checkpoints on disk are left untouched."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, damaged (digest mismatch, truncated), not a gkcore
+    training checkpoint, or written for another model. The message names the file."""
+
+
+class DataError(ValueError):
+    """The data yields nothing to train on (every sample left out)."""
 
 
 @dataclass
@@ -89,21 +109,44 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True          #: tqdm progress bar on rank 0
 
+    def problems(self) -> List[tuple]:
+        """``[(field, what it must be)]`` for every field with a bad value (empty when all are fine)."""
+        def num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        def integer(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        out = []
+        rules = [
+            ("steps", integer(self.steps) and self.steps >= 1, "an int >= 1"),
+            ("lr", num(self.lr) and math.isfinite(self.lr) and self.lr > 0, "a finite number > 0"),
+            ("weight_decay", num(self.weight_decay) and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             "a finite number >= 0"),
+            ("betas", isinstance(self.betas, (tuple, list)) and len(self.betas) == 2
+             and all(num(b) and 0.0 <= b < 1.0 for b in self.betas), "two numbers in [0, 1)"),
+            ("warmup_steps", integer(self.warmup_steps) and self.warmup_steps >= 0, "an int >= 0"),
+            ("min_lr_ratio", num(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0, "a number in [0, 1]"),
+            ("grad_accum", integer(self.grad_accum) and self.grad_accum >= 1, "an int >= 1"),
+            # <= 0 turns clipping off (the non-finite gradient check stays on); NaN / inf would hide it
+            ("clip_grad", num(self.clip_grad) and math.isfinite(self.clip_grad), "a finite number (<= 0: no clipping)"),
+            ("amp", self.amp in ("auto", "bf16", "off"), "'auto', 'bf16' or 'off'"),
+            ("alpha", self.alpha is None or (num(self.alpha) and 0.0 <= self.alpha <= 1.0), "None or a number in [0, 1]"),
+            ("alpha_ramp_steps", integer(self.alpha_ramp_steps) and self.alpha_ramp_steps >= 0, "an int >= 0"),
+            ("log_every", integer(self.log_every) and self.log_every >= 1, "an int >= 1"),
+            ("ckpt_every", integer(self.ckpt_every) and self.ckpt_every >= 0, "an int >= 0 (0: only at the end)"),
+            ("seed", integer(self.seed), "an int"),
+        ]
+        for name, ok, want in rules:
+            if not ok:
+                out.append((name, f"must be {want}, got {getattr(self, name)!r}"))
+        return out
+
     def validate(self) -> "TrainConfig":
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
-        if self.log_every < 1:
-            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        """Raise ``ValueError`` naming the first field with a bad value (see :meth:`problems`)."""
+        bad = self.problems()
+        if bad:
+            raise ValueError(f"{bad[0][0]} {bad[0][1]}")
         return self
 
 
@@ -133,21 +176,60 @@ class cosine_with_warmup:  # noqa: N801 - a callable object so LambdaLR can save
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint_atomic(obj: Any, path: str) -> str:
-    """``torch.save(obj)`` to a temporary file next to ``path``, fsync, then rename onto ``path``."""
+def previous_checkpoint(path: str) -> str:
+    """Where the checkpoint that ``path`` replaced is kept: ``checkpoint.pt`` -> ``checkpoint.prev.pt``."""
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}.prev{ext or '.pt'}"
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what goes through it (for ``torch.save``)."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b):
+        self.h.update(b)
+        self.n += len(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def save_checkpoint_atomic(obj: Any, path: str, keep_previous: bool = True) -> str:
+    """``torch.save(obj)`` plus a digest trailer to a temporary file next to ``path``, fsync, keep the
+    checkpoint it replaces as :func:`previous_checkpoint` (``keep_previous``), then rename onto ``path``.
+    A failed write (disk full, read-only) raises ``OSError`` naming ``path`` and leaves the files that
+    were there unchanged."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            w = _HashingWriter(f)
+            torch.save(obj, w)
+            f.write(_TRAILER_MAGIC + w.h.hexdigest().encode() + b":" + b"%020d" % w.n + b"\n")
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and os.path.isfile(path):
+            prev = previous_checkpoint(path)
+            try:  # a second name for the current file, so that ``path`` exists at every moment
+                link = f"{prev}.tmp-{os.getpid()}"
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(link)
+                os.link(path, link)
+                os.replace(link, prev)
+            except OSError:  # no hard links on this file system: rename (``load`` handles the gap)
+                os.replace(path, prev)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            raise OSError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e}; the checkpoint files "
+                                   "that were there are unchanged", path) from e
         raise
     with contextlib.suppress(OSError):  # make the rename durable too
         fd = os.open(folder, os.O_RDONLY)
@@ -158,14 +240,64 @@ def save_checkpoint_atomic(obj: Any, path: str) -> str:
     return path
 
 
+def _verify(path: str) -> bool:
+    """Check the digest trailer of ``path``: True when verified, False for a file without a trailer (an
+    older gkcore's checkpoint); raise :class:`CheckpointError` when the digest or the length differs."""
+    size = os.path.getsize(path)
+    if size < _TRAILER_LEN:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - _TRAILER_LEN)
+        tr = f.read(_TRAILER_LEN)
+        if not tr.startswith(_TRAILER_MAGIC):
+            return False
+        try:
+            digest, n = tr[len(_TRAILER_MAGIC):].rstrip(b"\n").split(b":")
+            n = int(n)
+        except ValueError:
+            raise CheckpointError(f"checkpoint {path} is damaged: its digest trailer is unreadable") from None
+        if n != size - _TRAILER_LEN:
+            raise CheckpointError(f"checkpoint {path} is damaged: {size - _TRAILER_LEN} bytes before the digest, "
+                                  f"{n} were written")
+        f.seek(0)
+        h = hashlib.sha256()
+        left = n
+        while left:
+            chunk = f.read(min(left, 1 << 22))
+            if not chunk:
+                raise CheckpointError(f"checkpoint {path} is damaged: truncated")
+            h.update(chunk)
+            left -= len(chunk)
+    if h.hexdigest().encode() != digest:
+        raise CheckpointError(f"checkpoint {path} is damaged: its SHA-256 digest differs from the one written "
+                              "with it (the file changed after it was written)")
+    return True
+
+
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Read a trainer checkpoint written by :func:`save_checkpoint_atomic` (trusted files only: it holds
-    optimiser and RNG states, so it is unpickled with ``weights_only=False``)."""
+    """Read a trainer checkpoint written by :func:`save_checkpoint_atomic`, after checking its digest
+    (trusted files only: it holds optimiser and RNG states, so it is unpickled with
+    ``weights_only=False``). Raises :class:`CheckpointError` (a ``ValueError``) naming the file when it is
+    missing, damaged or not a gkcore training checkpoint."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ck = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(ck, dict) or ck.get("format") != "gkcore-train-v1":
-        raise ValueError(f"{path} is not a gkcore training checkpoint")
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.endswith(".safetensors") or head[8:10] == b"{\"":
+        raise CheckpointError(f"{path} is a safetensors weights file, not a training checkpoint: resume from the "
+                              f"run's {CHECKPOINT_NAME}")
+    verified = _verify(path)
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a foreign or torn file
+        what = "damaged (truncated?)" if head.startswith(b"PK") else "not a gkcore training checkpoint"
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"checkpoint {path} is {what}: {type(e).__name__}: {first}") from None
+    if not isinstance(ck, dict) or ck.get("format") not in _FORMATS:
+        raise CheckpointError(f"{path} is not a gkcore training checkpoint")
+    if not verified and ck.get("format") != "gkcore-train-v1":
+        raise CheckpointError(f"checkpoint {path} is damaged: its digest trailer is missing")
     return ck
 
 
@@ -270,11 +402,14 @@ class Trainer:
         self.data_slot: Optional[int] = None  # the loader's batch slot after the last batch (its ``position``)
         self._stop = False
         self.stop_signal: Optional[int] = None  #: the signal number that asked for the stop, if any
+        self.last_checkpoint: Optional[tuple] = None  #: (path, step) of the checkpoint last written or loaded
+        self.notes: List[str] = []  #: what :meth:`load` / :meth:`fit` reported (fallbacks, cleaned files)
+        self._batches_this_epoch = 0
         self._iter: Optional[Iterator] = None
         self._takes_alpha = "alpha" in inspect.signature(self.module.forward).parameters
         self._amp = self.device.type == "cuda" and config.amp in ("auto", "bf16") or config.amp == "bf16"
         if self.info.is_main:
-            os.makedirs(self.out, exist_ok=True)
+            outdir.check_writable(self.out)  # a read-only or misnamed --out fails here, naming it
 
     # ---------------------------------------------------------------- set-up helpers
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -334,13 +469,20 @@ class Trainer:
             if self.batch_in_epoch >= self.steps_per_epoch:
                 self.epoch += 1
                 self.batch_in_epoch = 0
+                self._batches_this_epoch = 0
                 self._start_epoch()
             try:
                 b = next(self._iter)
             except StopIteration:  # the loader yielded fewer batches than len(): next epoch
+                if self._batches_this_epoch == 0 and self.batch_in_epoch == 0:
+                    counts = self._data_counts()
+                    why = ", ".join(f"{k}: {v}" for k, v in counts.get("rejected", {}).items())
+                    raise DataError(f"the data yielded no batch in epoch {self.epoch}: every sample was left out"
+                                    + (f" ({why})" if why else "")) from None
                 self.batch_in_epoch = self.steps_per_epoch
                 continue
             self.batch_in_epoch += 1
+            self._batches_this_epoch += 1
             pos = getattr(self.loader, "position", None)  # batch slot: counts batches the loader dropped
             self.data_slot = int(pos[1]) if pos is not None and int(pos[0]) == self.epoch else None
             return b
@@ -365,24 +507,80 @@ class Trainer:
             "world_size": self.info.world_size,
             "config": dataclasses.asdict(self.config),
             "model_meta": self.model_meta,
+            "data_counts": self.loader.state_counts() if hasattr(self.loader, "state_counts") else None,
             "time": time.time(),
         }
+
+    def _data_counts(self) -> Dict[str, Dict[str, int]]:
+        return self.loader.counts() if hasattr(self.loader, "counts") else {}
 
     def save(self) -> Optional[str]:
         """Write the checkpoint (collective: call on every rank; only rank 0 writes)."""
         st = self.state_dict()
+        st["format"] = "gkcore-train-v2"
         path = None
         if self.info.is_main:
-            path = save_checkpoint_atomic(st, self.checkpoint_path)
+            # keep the file on disk as the previous checkpoint only when this run wrote or verified it
+            # (not a damaged one it fell back from, nor one of an unrelated earlier run)
+            known = self.last_checkpoint is not None and self.last_checkpoint[0] == self.checkpoint_path
+            path = save_checkpoint_atomic(st, self.checkpoint_path, keep_previous=known)
+            self.last_checkpoint = (path, self.step)
         D.barrier()
         return path
 
+    def _note(self, msg: str) -> None:
+        self.notes.append(msg)
+        if self.info.is_main:
+            print(f"note: {msg}", file=sys.stderr)
+
+    def _read_checkpoint(self, path: str) -> tuple:
+        """(checkpoint dict, path read): ``path``, or its previous checkpoint when ``path`` is damaged or
+        missing (saying so); :class:`CheckpointError` naming both when neither can be used."""
+        prev = previous_checkpoint(path)
+        try:
+            return load_checkpoint(path, map_location="cpu"), path
+        except CheckpointError as e:
+            if not os.path.isfile(prev):
+                raise
+            first = str(e)
+        try:
+            ck = load_checkpoint(prev, map_location="cpu")
+        except CheckpointError as e2:
+            raise CheckpointError(f"{first}; the previous checkpoint cannot be used either: {e2}") from None
+        self._note(f"{first}; resuming from the previous checkpoint {prev} (step {int(ck['step'])}) instead")
+        return ck, prev
+
+    def _check_fits(self, ck: Dict[str, Any], path: str) -> None:
+        """Refuse a checkpoint written for another model config, naming the fields that differ."""
+        mine = (self.model_meta or {}).get("config")
+        theirs = (ck.get("model_meta") or {}).get("config")
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            diff = _config_diff(theirs, mine)
+            if diff:
+                shown = "; ".join(f"{k} is {a!r} there, {b!r} here" for k, a, b in diff[:4])
+                more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""
+                raise CheckpointError(f"checkpoint {path} was written for another model config: {shown}{more}")
+        try:
+            self.module.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            n = sum("size mismatch" in ln for ln in lines)
+            detail = f"{n} tensor shapes differ, e.g. {lines[1][:200]}" if n and len(lines) > 1 else lines[0][:300]
+            raise CheckpointError(f"checkpoint {path} does not fit this model: {detail}") from None
+
     def load(self, path: str) -> None:
-        """Restore model, optimiser, scheduler, step, data position and RNG states from ``path``."""
-        ck = load_checkpoint(path, map_location="cpu")
-        self.module.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        """Restore model, optimiser, scheduler, step, data position and RNG states from ``path`` (or from
+        its previous checkpoint when ``path`` is damaged; see :meth:`_read_checkpoint`)."""
+        ck, path = self._read_checkpoint(path)
+        self._check_fits(ck, path)
+        try:
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {path}: its optimiser state does not fit this model ({e})") from None
         self.scheduler.load_state_dict(ck["scheduler"])
+        self.last_checkpoint = (path, int(ck["step"]))
+        if ck.get("data_counts") and hasattr(self.loader, "restore_counts"):
+            self.loader.restore_counts(ck["data_counts"])
         self.step, self.epoch = int(ck["step"]), int(ck["epoch"])
         consumed = int(ck["batch_in_epoch"])
         # position the data iterator: same epoch, skip the batches already consumed (a loader with
@@ -406,7 +604,7 @@ class Trainer:
         _set_rng_state(self.module, rngs[self.info.rank if self.info.rank < len(rngs) else 0])
         if self.info.is_main and os.path.isfile(self.log_path):  # drop log lines past the checkpoint
             with open(self.log_path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+                keep = [ln for ln in f if _log_step(ln) is not None and _log_step(ln) <= self.step]
             with open(self.log_path, "w") as f:
                 f.writelines(keep)
 
@@ -442,21 +640,21 @@ class Trainer:
                         f"non-finite loss at step {self.step + 1} (micro-batch {micro + 1}/{c.grad_accum}, "
                         f"epoch {self.epoch}, batch {self.batch_in_epoch}): "
                         + ", ".join(f"{k}={v:.4g}" for k, v in vals.items())
-                        + f". Training stopped; the last good checkpoint ({self.checkpoint_path}) is intact. "
+                        + f". Training stopped; {self._checkpoint_state()}. "
                           "Lower --lr, raise --warmup or check the data.")
                 (loss / c.grad_accum).backward()
             for k, v in out.items():
                 if (k == "loss" or k.startswith("loss_")) and isinstance(v, torch.Tensor) and v.numel() == 1:
                     comps[k] = comps.get(k, 0.0) + v.detach().float() / c.grad_accum
-        gnorm = None
-        if c.clip_grad and c.clip_grad > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), c.clip_grad)
-            if not math.isfinite(float(gnorm)):  # finite loss but inf/NaN gradients: do not step
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(
-                    f"non-finite gradient norm at step {self.step + 1} (loss "
-                    f"{float(comps['loss']):.4g}). Training stopped; the last good checkpoint "
-                    f"({self.checkpoint_path}) is intact. Lower --lr, raise --warmup or use --amp off.")
+        # the norm is computed even without clipping (clip_grad <= 0): a NaN/inf gradient always stops
+        gnorm = torch.nn.utils.clip_grad_norm_(self.module.parameters(),
+                                               c.clip_grad if c.clip_grad > 0 else float("inf"))
+        if not math.isfinite(float(gnorm)):  # finite loss but inf/NaN gradients: do not step
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"non-finite gradient norm at step {self.step + 1} (loss "
+                f"{float(comps['loss']):.4g}). Training stopped; {self._checkpoint_state()}. "
+                "Lower --lr, raise --warmup or use --amp off.")
         g0 = self.optimizer.param_groups[0]
         lr = g0["lr"] / g0.get("lr_scale", 1.0)  # the base lr (groups run at base lr x their scale)
         self.optimizer.step()
@@ -473,17 +671,39 @@ class Trainer:
         elif isinstance(out.get("alpha"), torch.Tensor) and out["alpha"].numel() == 1:
             rec["alpha"] = float(out["alpha"])  # the model's own ramp
         rec.update({k: float(v) for k, v in zip(keys, vec.tolist())})
-        if gnorm is not None:
-            rec["grad_norm"] = float(gnorm)
+        rec["grad_norm"] = float(gnorm)
         rec["_images"] = n_images * self.info.world_size
         return rec
 
+    def _checkpoint_state(self) -> str:
+        if self.last_checkpoint is None:
+            return f"no checkpoint has been written in {self.out} by this run"
+        path, step = self.last_checkpoint
+        return f"the last good checkpoint, {path} (step {step}), is unchanged"
+
     def fit(self, resume: Optional[str] = None) -> TrainResult:
         """Run until ``config.steps`` optimiser steps are done or a stop is requested (signal or
-        :meth:`request_stop`). Raises :class:`NonFiniteLossError` on a NaN/inf loss."""
+        :meth:`request_stop`). Holds the output folder's lock meanwhile (:class:`outdir.OutputLockedError`
+        when another process holds it). Raises :class:`NonFiniteLossError` on a NaN/inf loss or gradient,
+        :class:`CheckpointError` for a ``resume`` checkpoint that cannot be used or whose step is past
+        ``config.steps``, :class:`DataError` when the data yields nothing."""
+        with (outdir.lock_output(self.out) if self.info.is_main else contextlib.nullcontext()):
+            if self.info.is_main:
+                for f, pid in outdir.clean_stale_temporaries(self.out):
+                    self._note(f"removed {f}, left by process {pid} (no longer running) in the middle of a write")
+            return self._fit(resume)
+
+    def _fit(self, resume: Optional[str]) -> TrainResult:
         c = self.config
         if resume:
             self.load(resume)
+            if self.step > c.steps:
+                raise CheckpointError(f"checkpoint {self.last_checkpoint[0]} is at step {self.step}, past the "
+                                      f"{c.steps} steps asked for: nothing to do (ask for more steps to go on)")
+            if self.step == c.steps:
+                self._note(f"nothing to do: checkpoint {self.last_checkpoint[0]} is already at step {self.step} "
+                           f"of {c.steps}")
+                return TrainResult("completed", self.step, self.last_checkpoint[0], [])
         self.module.train()
         history: List[Dict[str, float]] = []
         handlers = self._install_signals()
@@ -496,6 +716,16 @@ class Trainer:
         t_last, img_last = time.perf_counter(), 0
         ips_ema = None
         logf = open(self.log_path, "a") if self.info.is_main else None
+        logged_counts = self._data_counts() if resume else {}
+
+        def log_counts():  # the data accounting, whenever it changed (written to the log, rank 0)
+            nonlocal logged_counts
+            counts = self._data_counts()
+            if logf and counts != logged_counts and any(counts.values()):
+                logf.write(json.dumps({"step": self.step, "epoch": self.epoch, "data": counts}) + "\n")
+                logf.flush()
+            logged_counts = counts
+
         try:
             while self.step < c.steps:
                 t_step = time.perf_counter()
@@ -515,6 +745,7 @@ class Trainer:
                     if logf:
                         logf.write(json.dumps(rec) + "\n")
                         logf.flush()
+                    log_counts()
                 if bar is not None:
                     bar.update(1)
                     post = {k[5:] if k.startswith("loss_") else k: f"{v:.3f}" for k, v in rec.items()
@@ -531,7 +762,12 @@ class Trainer:
                     break
                 if c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.steps:
                     self.save()
+            log_counts()
             path = self.save()
+            if self.info.is_main:
+                summary = format_data_counts(self._data_counts())
+                if summary:
+                    print(f"data: {summary}", file=sys.stderr)
             if status == "interrupted" and self.info.is_main:
                 print(f"\nstopped at step {self.step}; checkpoint written to {path}; continue with --resume {path}",
                       file=sys.stderr)
@@ -566,6 +802,55 @@ class Trainer:
     def _restore_signals(old):
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _log_step(line: str) -> Optional[int]:
+    """The step of a log line, or None for a blank or torn one (a run killed mid-write)."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _config_diff(a: Dict[str, Any], b: Dict[str, Any]) -> List[tuple]:
+    """[(field, a's value, b's value)] of the fields that differ between two nested config dicts."""
+    fa, fb = _flat(a), _flat(b)
+    missing = object()
+    out = []
+    for k in sorted(set(fa) | set(fb)):
+        va, vb = fa.get(k, missing), fb.get(k, missing)
+        if isinstance(va, tuple):
+            va = list(va)
+        if isinstance(vb, tuple):
+            vb = list(vb)
+        if va != vb:
+            out.append((k, None if va is missing else va, None if vb is missing else vb))
+    return out
+
+
+def format_data_counts(counts: Dict[str, Dict[str, int]]) -> str:
+    """One line, e.g. ``3 samples left out (bad label value: 1, unreadable image: 2); repaired: swapped box
+    in 1 sample``, or '' when nothing was left out or repaired."""
+    parts = []
+    rej = (counts or {}).get("rejected") or {}
+    if rej:
+        n = sum(rej.values())
+        parts.append(f"{n} sample{'s' if n != 1 else ''} left out (" + ", ".join(f"{k}: {v}" for k, v in rej.items())
+                     + ")")
+    rep = (counts or {}).get("repaired") or {}
+    if rep:
+        parts.append("repaired: " + ", ".join(f"{k} in {v} sample{'s' if v != 1 else ''}" for k, v in rep.items()))
+    return "; ".join(parts)
 
 
 def seed_everything(seed: int) -> None:

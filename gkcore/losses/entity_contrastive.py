@@ -20,6 +20,7 @@ import torch
 
 from ..ops import info_nce as _op  # looked up at each call: _op.info_nce
 from ..ops._util import as_scalar
+from ..ops._checks import check_scalar
 
 __all__ = ["entity_contrastive_loss"]
 
@@ -70,6 +71,7 @@ def entity_contrastive_loss(image_emb: torch.Tensor, entity_emb: torch.Tensor, l
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     scale = as_scalar(scale, "scale")
+    check_scalar("scale", scale, image_emb.device)  # before the early return below: a NaN scale never passes
     if labels.dtype != torch.bool and labels.numel():
         ok = (labels == 1) | (labels == 0) | (labels == -1)
         if not bool(ok.all()):

@@ -37,6 +37,10 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, na: str, nb: str, dim: Optiona
         raise ValueError(f"{na} {tuple(a.shape)} and {nb} {tuple(b.shape)} must have the same shape")
     if a.device != b.device:
         raise ValueError(f"{na} is on {a.device} but {nb} on {b.device}")
+    if a.shape[0] == 0:
+        raise ValueError(f"{na} and {nb} have no rows (batch size 0): a contrastive loss needs at least one pair")
+    if a.shape[1] == 0:
+        raise ValueError(f"{na} and {nb} have no features (D=0)")
 
 
 class ClipLoss(nn.Module):
@@ -162,7 +166,10 @@ class ITCLoss(nn.Module):
       ``(1 - alpha) * onehot + alpha * softmax(v' K_t^T / tau)``; ``L_t2i`` the same with t, K_v, t';
     * returns ``(L_i2t + L_t2i) / 2`` (each a mean over the local batch);
     * then, in training mode, enqueues the (all-gathered) momentum features at ``queue_ptr`` and
-      advances it by the global batch size (no host synchronisation).
+      advances it by the global batch size, wrapping around the end of the queue (no host
+      synchronisation). Any batch size works: a batch larger than the queue leaves its last Q rows.
+      A row pair whose image or text momentum feature holds a NaN or an inf is never enqueued: the
+      queue rows it would have replaced keep their old values (the pointer still advances).
 
     Distributed runs (``torch.distributed`` initialised): the momentum features of every rank are
     all-gathered (no gradient) and enqueued in rank order, as in ALBEF. With ``gather_keys=True``
@@ -173,8 +180,9 @@ class ITCLoss(nn.Module):
 
     Args:
         embed_dim: D, the feature size.
-        queue_size: Q, rows of each queue (0 = no queue). Must be divisible by the global batch size
-            (B * world_size) when training; violating this raises ``ValueError`` at the first call.
+        queue_size: Q, rows of each queue (0 = no queue). Any global batch size (B * world_size) works
+            (ALBEF required Q to be a multiple of it; here the writes wrap around), so a batch made
+            smaller by a skipped sample does not stop a run.
         temperature: initial tau (0.07 in ALBEF / BLIP).
         temp_min, temp_max: clamp range of tau.
         learnable_temperature: tau is an ``nn.Parameter`` (else a buffer).
@@ -225,14 +233,9 @@ class ITCLoss(nn.Module):
         return world_info(self.process_group)
 
     def check_batch(self, batch_size: int, world_size: Optional[int] = None) -> None:
-        """Raise ``ValueError`` unless ``queue_size`` is divisible by the global batch size."""
-        if world_size is None:
-            world_size = self._world()[1]
-        g = batch_size * world_size
-        if self.queue_size and self.queue_size % g:
-            raise ValueError(f"ITCLoss: queue_size {self.queue_size} is not divisible by the global batch size "
-                             f"{g} (local batch {batch_size} x world size {world_size}); pick a queue size that is "
-                             "a multiple of it (ALBEF: 65536, BLIP: 57600), or drop the last incomplete batch")
+        """Raise ``ValueError`` unless the local batch size is a positive int (any size fits the queue)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"ITCLoss: the batch must hold at least one pair, got batch size {batch_size!r}")
 
     def forward(self, image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_m: torch.Tensor,
                 text_feat_m: torch.Tensor, alpha: Union[float, torch.Tensor] = 0.0) -> torch.Tensor:
@@ -297,11 +300,20 @@ class ITCLoss(nn.Module):
         if not self.queue_size:
             return
         n = image_feat_m.shape[0]
-        idx = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % self.queue_size
-        idx = idx.to(self.image_queue.device)
-        self.image_queue.index_copy_(0, idx, image_feat_m.to(self.image_queue.dtype))
-        self.text_queue.index_copy_(0, idx, text_feat_m.to(self.text_queue.dtype))
-        self.queue_ptr.add_(n).remainder_(self.queue_size)
+        Q = self.queue_size
+        start = self.queue_ptr
+        if n > Q:  # only the last Q rows survive; writing them alone keeps the indices distinct
+            image_feat_m, text_feat_m = image_feat_m[n - Q:], text_feat_m[n - Q:]
+            start = start + (n - Q)
+        m = image_feat_m.shape[0]
+        idx = ((start + torch.arange(m, device=start.device)) % Q).to(self.image_queue.device)
+        img = image_feat_m.to(self.image_queue.device, self.image_queue.dtype)
+        txt = text_feat_m.to(self.text_queue.device, self.text_queue.dtype)
+        # a pair with a non-finite feature keeps the old rows (no host sync; the pointer advances as usual)
+        ok = (torch.isfinite(img).all(1) & torch.isfinite(txt).all(1)).unsqueeze(1)
+        self.image_queue.index_copy_(0, idx, torch.where(ok, img, self.image_queue.index_select(0, idx)))
+        self.text_queue.index_copy_(0, idx, torch.where(ok, txt, self.text_queue.index_select(0, idx)))
+        self.queue_ptr.add_(n).remainder_(Q)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, queue_size={self.queue_size}, temp_range=({self.temp_min}, "

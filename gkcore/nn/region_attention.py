@@ -36,6 +36,11 @@ class RegionCrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, kdim: Optional[int] = None, qkv_bias: bool = True,
                  attend_patches: bool = False, dropout: float = 0.0, backend: Optional[str] = None):
         super().__init__()
+        for name, v in (("dim", dim), ("num_heads", num_heads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if kdim is not None and (isinstance(kdim, bool) or not isinstance(kdim, int) or kdim < 1):
+            raise ValueError(f"kdim must be None or a positive int, got {kdim!r}")
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
@@ -60,6 +65,12 @@ class RegionCrossAttention(nn.Module):
         Returns:
             (B, P, dim), or ``(out, weights)``.
         """
+        for name, t in (("queries", queries), ("patch_tokens", patch_tokens)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"{name} must be a floating-point tensor, got "
+                                 f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if patch_tokens.dim() != 3 or patch_tokens.shape[-1] != self.kdim:
+            raise ValueError(f"patch_tokens must have shape (B, N, kdim={self.kdim}), got {tuple(patch_tokens.shape)}")
         B, N, _ = patch_tokens.shape
         H, hd = self.num_heads, self.head_dim
         if queries.dim() == 2:

@@ -8,8 +8,6 @@ from the generator), so for one generator state they return the same indices.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -17,6 +15,7 @@ import torch
 from .. import _ext
 from ..reference.hard_negatives import hard_negatives_multinomial, seed_words
 from . import _triton
+from ._checks import any_nonfinite, check_scalar
 from ._util import check_same_device, check_tensor, is_compiling, new_output
 from .registry import Backend, register_op
 
@@ -43,17 +42,12 @@ def validate(image_feat, text_feat, scale, group_ids, generator) -> None:
     if D == 0:
         raise ValueError("image_feat and text_feat have D=0 features")
     dev = image_feat.device
-    if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1 or not scale.is_floating_point():
-            raise ValueError(f"scale must be a number or a one-element floating tensor, got "
-                             f"{scale.dtype} of shape {tuple(scale.shape)}")
-        if scale.device != dev:
-            raise ValueError(f"scale is on {scale.device} but the features are on {dev}")
-    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        if not math.isfinite(float(scale)):
-            raise ValueError(f"scale must be finite, got {scale!r}")
-    else:
-        raise ValueError(f"scale must be a number or a one-element tensor, got {type(scale).__name__}")
+    # the op promises no host synchronisation on a GPU: a CUDA scale tensor's value is not read there
+    check_scalar("scale", scale, dev, read_device=False)
+    if dev.type == "cpu" and B and not is_compiling():  # reading is free on the CPU
+        for name, t in (("image_feat", image_feat), ("text_feat", text_feat)):
+            if bool(any_nonfinite(t)):
+                raise ValueError(f"{name} holds NaN or inf: hard negatives cannot be drawn from it")
     if group_ids is not None:
         if not isinstance(group_ids, torch.Tensor):
             raise ValueError(f"group_ids must be a tensor or None, got {type(group_ids).__name__}")
@@ -211,8 +205,10 @@ def sample_hard_negatives(image_feat: torch.Tensor, text_feat: torch.Tensor, sca
     Raises:
         ValueError: a row has no valid negative -- ``B == 1``, or every sample shares one
             ``group_ids`` value (then the message names row 0; every row is in the same case) -- or an
-            argument is malformed (the message names it). Features containing NaN/inf give unspecified
-            indices (the reference backend raises from ``torch.multinomial``).
+            argument is malformed (the message names it), or a non-finite ``scale`` (a Python number or
+            a CPU tensor; a CUDA tensor is not read, to keep the call free of host synchronisation), or
+            CPU features holding NaN/inf. CUDA features holding NaN/inf give unspecified indices (the
+            reference backend raises from ``torch.multinomial``).
     """
     validate(image_feat, text_feat, scale, group_ids, generator)
     inputs = {"image_feat": image_feat, "text_feat": text_feat}

@@ -21,7 +21,6 @@ where p = softmax(s), t the target distribution and g the upstream gradient per 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -29,6 +28,7 @@ import torch
 from .. import _ext
 from ..reference.info_nce import info_nce_reference
 from . import _triton
+from ._checks import any_nonfinite, check_scalar, nan_where, nonfinite_rows
 from ._util import acc_dtype, check_same_device, check_tensor, is_compiling, new_output, ptr
 from .registry import Backend, register_op
 
@@ -53,17 +53,9 @@ def validate(query, keys, scale, positives, soft_query, alpha, label_smoothing, 
         raise ValueError(f"keys dtype {keys.dtype} does not match query dtype {query.dtype}")
     if N < 1:
         raise ValueError("keys must hold at least one key (N >= 1)")
-    if isinstance(scale, torch.Tensor):
-        if not scale.is_floating_point():
-            raise ValueError(f"scale must be a float or a floating 0-d tensor, got dtype {scale.dtype}")
-        if scale.numel() != 1:
-            raise ValueError(f"scale must be a float or a 0-d tensor, got shape {tuple(scale.shape)}")
-        if scale.device != query.device:
-            raise ValueError(f"scale is on {scale.device} but query is on {query.device}")
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a float or a 0-d tensor, got {type(scale).__name__}")
-    elif not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be finite, got {scale!r}")
+    if D < 1:
+        raise ValueError(f"query and keys must have at least one feature, got D=0 (query {tuple(query.shape)})")
+    check_scalar("scale", scale, query.device)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
     if soft_query is not None:
@@ -400,6 +392,11 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, *, scale: Union[float, tor
     left out of the mean: ``'mean'`` divides by the number of rows that have a positive (at least 1, so a
     batch without any positive gives 0).
 
+    **Non-finite inputs** (every backend): a row with a positive whose query or soft-query row holds a
+    NaN or an inf, or every such row when any key does, has loss NaN (so ``'mean'``/``'sum'`` are NaN);
+    gradients are then unspecified. A tensor ``scale`` is read on the host to check that it is finite
+    (one synchronisation on a GPU; not while ``torch.compile`` traces).
+
     Returns:
         0-d loss (``'mean'``, ``'sum'``) or (M,) per-row losses (``'none'``), in ``query``'s dtype
         (accumulated in float32, float64 for float64 inputs).
@@ -410,4 +407,15 @@ def info_nce(query: torch.Tensor, keys: torch.Tensor, *, scale: Union[float, tor
     inputs = {"query": query, "keys": keys, "soft_query": soft_query, "positives": positives,
               "scale": scale if isinstance(scale, torch.Tensor) else None}
     be = OP.select(inputs, backend)
-    return be.fn(query, keys, scale, positives, soft_query, float(alpha), float(label_smoothing), reduction)
+    out = be.fn(query, keys, scale, positives, soft_query, float(alpha), float(label_smoothing), reduction)
+    return nan_where(out, _nonfinite_rows(query, keys, positives, soft_query), reduction)
+
+
+def _nonfinite_rows(query, keys, positives, soft_query) -> torch.Tensor:
+    """(M,) bool, the rows the non-finite rule sets to NaN: a row that has a positive and whose query
+    (or soft query) row, or any key, holds a NaN or an inf. No host synchronisation."""
+    bad = nonfinite_rows(query) | any_nonfinite(keys)
+    if soft_query is not None:
+        bad = bad | nonfinite_rows(soft_query)
+    _, _, valid = _targets(query, positives)
+    return bad & valid

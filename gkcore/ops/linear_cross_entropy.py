@@ -24,6 +24,7 @@ import torch
 from .. import _ext
 from ..reference.linear_cross_entropy import linear_cross_entropy_reference, reduce_token_losses
 from . import _triton
+from ._checks import any_nonfinite, nan_where, nonfinite_rows
 from ._util import acc_dtype, check_same_device, check_tensor, is_compiling, new_output
 from .registry import Backend, register_op
 
@@ -53,6 +54,8 @@ def validate(hidden, weight, targets, bias, ignore_index, label_smoothing, reduc
         raise ValueError(f"weight must have shape (V, D={D}) like nn.Linear(D, V).weight, got {tuple(weight.shape)}")
     if V < 1:
         raise ValueError("weight must have at least one row (vocabulary size V >= 1)")
+    if D < 1:
+        raise ValueError(f"hidden must have at least one feature, got D=0 (hidden {tuple(hidden.shape)})")
     if bias is not None and bias.shape[0] != V:
         raise ValueError(f"bias must have shape (V={V},), got {tuple(bias.shape)}")
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
@@ -459,6 +462,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         0-d loss (``'mean'``, ``'sum'``) or per-token losses of ``targets``' shape (``'none'``), in
         ``hidden``'s dtype (accumulated in float32, float64 for float64 inputs). Gradients flow to
         ``hidden``, ``weight`` and ``bias``.
+
+    Non-finite inputs (every backend): a non-ignored token whose hidden row holds a NaN or an inf, or
+    every non-ignored token when ``weight`` or ``bias`` does, has loss NaN (so ``'mean'``/``'sum'`` are
+    NaN); gradients are then unspecified.
     """
     h2, y = validate(hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, softcap)
     if weight.dtype != hidden.dtype:
@@ -467,5 +474,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         bias = bias.to(hidden.dtype)
     inputs = {"hidden": h2, "weight": weight, "targets": y, "bias": bias}
     be = OP.select(inputs, backend)
-    return be.fn(h2, weight, y, bias, tuple(targets.shape), ignore_index, float(label_smoothing), reduction,
-                 None if softcap is None else float(softcap), hidden.dtype)
+    out = be.fn(h2, weight, y, bias, tuple(targets.shape), ignore_index, float(label_smoothing), reduction,
+                None if softcap is None else float(softcap), hidden.dtype)
+    bad = (nonfinite_rows(h2) | any_nonfinite(weight) | any_nonfinite(bias)) & (y != ignore_index)
+    return nan_where(out, bad, reduction)

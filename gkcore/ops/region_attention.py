@@ -65,7 +65,7 @@ def validate(q, k, v, boxes, grid_size, region_mask, output_size, sampling_ratio
             raise ValueError(f"region_mask must have shape (B={B}, R={R}), got {tuple(region_mask.shape)}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    check_roi_args(boxes, output_size, sampling_ratio)
+    check_roi_args(boxes, output_size, sampling_ratio, (gh, gw))
     return gh, gw
 
 

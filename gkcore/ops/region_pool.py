@@ -13,6 +13,7 @@ import torch
 from .. import _ext
 from ..reference.region_pool import region_pool_reference
 from . import _triton
+from . import _checks
 from ._util import HALF_DTYPES, check_same_device, check_tensor, is_compiling, new_output
 from .registry import Backend, register_op
 
@@ -26,11 +27,15 @@ OP = register_op("region_pool", "RoIAlign of normalised boxes on a patch-token g
 def _grid_from(tokens: torch.Tensor, grid_size) -> Tuple[torch.Tensor, int, int]:
     if tokens.dim() == 4:
         B, gh, gw, C = tokens.shape
-        if grid_size is not None and tuple(grid_size) != (gh, gw):
+        if gh == 0 or gw == 0:
+            raise ValueError(f"tokens must hold a non-empty grid, got channels-last shape {tuple(tokens.shape)}")
+        if grid_size is not None and _checks.check_grid(grid_size) != (gh, gw):
             raise ValueError(f"grid_size {tuple(grid_size)} does not match channels-last tokens of shape "
                              f"{tuple(tokens.shape)}")
         return tokens.reshape(B, gh * gw, C), gh, gw
     B, N, C = tokens.shape
+    if N == 0:
+        raise ValueError(f"tokens must hold at least one grid position, got shape {tuple(tokens.shape)} (N=0)")
     if grid_size is None:
         side = int(round(N ** 0.5))
         if side * side != N:
@@ -48,18 +53,14 @@ def validate(tokens, boxes, grid_size, output_size, sampling_ratio):
     tokens3, gh, gw = _grid_from(tokens, grid_size)
     B = tokens3.shape[0]
     check_boxes(boxes, B, tokens.dtype, "tokens")
-    check_roi_args(boxes, output_size, sampling_ratio)
+    check_roi_args(boxes, output_size, sampling_ratio, (gh, gw))
     return tokens3, gh, gw
 
 
 def check_grid(grid_size: Optional[Sequence[int]], N: int, unit: str, holder: str) -> Tuple[int, int]:
     """``(gh, gw)`` of a ``grid_size`` that must cover the N positions of a token grid (shared by every op
     that pools regions); ``unit`` and ``holder`` word the error ("gives 16 patches but k has N=17")."""
-    if grid_size is None or len(grid_size) != 2:
-        raise ValueError(f"grid_size must be (gh, gw), got {grid_size!r}")
-    gh, gw = int(grid_size[0]), int(grid_size[1])
-    if gh <= 0 or gw <= 0:
-        raise ValueError(f"grid_size must be positive, got {(gh, gw)}")
+    gh, gw = _checks.check_grid(grid_size)
     if gh * gw != N:
         hint = " (a leading CLS token? strip it first)" if gh * gw + 1 == N else ""
         raise ValueError(f"grid_size {(gh, gw)} gives {gh * gw} {unit} but {holder} N={N}{hint}")
@@ -75,23 +76,46 @@ def check_boxes(boxes: torch.Tensor, B: int, dtype: torch.dtype, name: str) -> N
                          f"(float32 boxes are accepted with float16/bfloat16 {name})")
 
 
-def check_roi_args(boxes: torch.Tensor, output_size, sampling_ratio) -> None:
+#: Most bilinear samples per bin side (a fixed ``sampling_ratio``, or the adaptive count of a box).
+MAX_SAMPLES_PER_SIDE = 1024
+
+
+def check_roi_args(boxes: torch.Tensor, output_size, sampling_ratio, grid=None) -> None:
     """The RoIAlign options and box values shared by every op that pools regions (region_pool,
-    region_attention): a positive int ``output_size``, an int ``sampling_ratio``, finite (x0, y0, x1, y1)
-    boxes with x1 >= x0 and y1 >= y0 (one host sync; skipped while torch.compile traces)."""
-    if not isinstance(output_size, int) or output_size < 1:
+    region_attention): a positive int ``output_size``, an int ``sampling_ratio`` (at most
+    ``MAX_SAMPLES_PER_SIDE``), finite (x0, y0, x1, y1) boxes with x1 >= x0 and y1 >= y0 whose grid
+    coordinates stay far from the dtype's overflow (a box may lie far outside the image: it pools zeros),
+    and, with adaptive sampling (``sampling_ratio <= 0``), boxes that need at most ``MAX_SAMPLES_PER_SIDE``
+    samples per bin side. One host sync; skipped while torch.compile traces."""
+    if isinstance(output_size, bool) or not isinstance(output_size, int) or output_size < 1:
         raise ValueError(f"output_size must be a positive int, got {output_size!r}")
-    if not isinstance(sampling_ratio, int):
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, int):
         raise ValueError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
+    if sampling_ratio > MAX_SAMPLES_PER_SIDE:
+        raise ValueError(f"sampling_ratio must be at most {MAX_SAMPLES_PER_SIDE}, got {sampling_ratio}")
     if boxes.numel() and not is_compiling():
         b = boxes.detach()
+        gh, gw = grid if grid is not None else (1, 1)
+        # grid coordinates are about |box| * grid * 2 in the kernels' arithmetic: keep them finite
+        limit = torch.finfo(b.dtype).max / (8.0 * max(gh, gw, output_size))
+        wdt = torch.float64 if b.dtype == torch.float64 else torch.float32
+        w = (b[..., 2].to(wdt) - b[..., 0].to(wdt)) * gw / output_size
+        h = (b[..., 3].to(wdt) - b[..., 1].to(wdt)) * gh / output_size
         flags = torch.stack([(~torch.isfinite(b)).any(), (b[..., 2] < b[..., 0]).any(),
-                             (b[..., 3] < b[..., 1]).any()]).tolist()
+                             (b[..., 3] < b[..., 1]).any(), (b.abs() > limit).any(),
+                             torch.maximum(w, h).max() > MAX_SAMPLES_PER_SIDE]).tolist()
         if flags[0]:
             raise ValueError("boxes contain NaN or inf")
         if flags[1] or flags[2]:
             raise ValueError("boxes must be (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0; got a box with "
                              f"{'x1 < x0' if flags[1] else 'y1 < y0'} (are they (y0, x0, y1, x1) or (x, y, w, h)?)")
+        if flags[3]:
+            raise ValueError(f"boxes hold a coordinate beyond +-{limit:.3g} (normalised image units): its grid "
+                             f"coordinates would overflow {str(b.dtype).replace('torch.', '')}")
+        if flags[4] and sampling_ratio <= 0:
+            raise ValueError(f"a box spans more than {MAX_SAMPLES_PER_SIDE} grid cells per output bin: adaptive "
+                             f"sampling (sampling_ratio={sampling_ratio}) would take more than "
+                             f"{MAX_SAMPLES_PER_SIDE} samples per bin side; pass a positive sampling_ratio")
 
 
 # ------------------------------------------------------------------------------------------- kernels
@@ -244,8 +268,32 @@ def region_pool(tokens: torch.Tensor, boxes: torch.Tensor, grid_size: Optional[S
 
     Returns:
         (B, R, C), or (B, R, output_size, output_size, C) with ``reduce=False``; the dtype of ``tokens``.
+
+    Non-finite tokens (every backend, outside ``torch.compile``): an output is NaN exactly where it has a
+    non-zero pooling weight on a NaN or inf token, and is the pool of the finite tokens elsewhere (so a
+    NaN patch outside every box changes nothing); such tokens get a zero gradient. Checking costs one
+    host read of whether the output is finite.
     """
     tokens3, gh, gw = validate(tokens, boxes, grid_size, output_size, sampling_ratio)
     inputs = {"tokens": tokens3, "boxes": boxes, "grid": (gh, gw)}
     be = OP.select(inputs, backend)
-    return be.fn(tokens3, boxes, gh, gw, output_size, sampling_ratio, bool(aligned), bool(reduce))
+    args = (boxes, gh, gw, output_size, sampling_ratio, bool(aligned), bool(reduce))
+    out = be.fn(tokens3, *args)
+    # a sum is non-finite when any term is (or on overflow, which the rule then tells apart)
+    if out.numel() and not is_compiling() and not bool(torch.isfinite(out.detach().sum())):
+        out = _nonfinite_rule(be, tokens3, out, args)
+    return out
+
+
+def _nonfinite_rule(be, tokens3: torch.Tensor, out: torch.Tensor, args) -> torch.Tensor:
+    """The documented result for non-finite tokens, the same on every backend: an output is NaN exactly
+    where it has a non-zero pooling weight on a NaN or inf token; every other output is the pool of the
+    finite tokens. (Backends read different zero-weight neighbours, so their raw results disagree.)"""
+    bad = ~torch.isfinite(tokens3)
+    if not bool(bad.any()):
+        return out  # finite tokens that overflowed: the kernel's result stands
+    clean = torch.where(bad, torch.zeros((), dtype=tokens3.dtype, device=tokens3.device), tokens3)
+    out = be.fn(clean, *args)
+    with torch.no_grad():
+        touched = be.fn(bad.to(tokens3.dtype), *args) != 0  # pooling weights are >= 0: no cancellation
+    return torch.where(touched, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)

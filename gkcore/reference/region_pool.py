@@ -68,8 +68,8 @@ def pooling_matrix(boxes: torch.Tensor, gh: int, gw: int, output_size: int = 1, 
     y, x = torch.broadcast_tensors(y, x)
     valid = (iy < e(sy)) & (ix < e(sx))
     valid = valid & (y >= -1.0) & (y <= gh) & (x >= -1.0) & (x <= gw)
-    y = y.clamp(min=0)
-    x = x.clamp(min=0)
+    y = y.clamp(min=0, max=gh)  # the upper clamp only touches invalid samples (weight 0): it keeps a box
+    x = x.clamp(min=0, max=gw)  # far outside the grid from overflowing the integer corner indices
     yl = y.floor().long().clamp(max=gh - 1)
     xl = x.floor().long().clamp(max=gw - 1)
     y = torch.where(yl >= gh - 1, yl.to(cdt), y)
