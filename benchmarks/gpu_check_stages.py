@@ -530,7 +530,7 @@ def synthetic_tokenizer(folder: str):
 
 
 def synthetic_batch(model, B: int, L: int, seed: int, device) -> Dict[str, Any]:
-    """A batch of the model's contract (docs/contracts.md, ``GKMVLP.check_batch``): random images, token ids
+    """A batch of the model's contract (docs/api.md, ``GKMVLP.check_batch``): random images, token ids
     ``[CLS] ... [SEP]`` of random lengths padded to L, random entity labels, boxes and masks; samples 0 and
     1 share a study (so the ITM sampler must skip them)."""
     g = torch.Generator().manual_seed(seed)

@@ -132,7 +132,6 @@ class TrainConfig:
             ("clip_grad", num(self.clip_grad) and math.isfinite(self.clip_grad), "a finite number (<= 0: no clipping)"),
             ("amp", self.amp in ("auto", "bf16", "off"), "'auto', 'bf16' or 'off'"),
             ("alpha", self.alpha is None or (num(self.alpha) and 0.0 <= self.alpha <= 1.0), "None or a number in [0, 1]"),
-            ("alpha_ramp_steps", integer(self.alpha_ramp_steps) and self.alpha_ramp_steps >= 0, "an int >= 0"),
             ("log_every", integer(self.log_every) and self.log_every >= 1, "an int >= 1"),
             ("ckpt_every", integer(self.ckpt_every) and self.ckpt_every >= 0, "an int >= 0 (0: only at the end)"),
             ("seed", integer(self.seed), "an int"),
