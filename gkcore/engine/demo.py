@@ -29,14 +29,15 @@ from .trainer import TrainConfig, Trainer, seed_everything
 __all__ = ["run_demo", "DEFAULTS", "DEMO_OVERRIDES", "PROBE_FRACTIONS", "loss_trend", "json_safe"]
 
 #: defaults measured on the 2-core CPU box (see the README for the timing)
-DEFAULTS = dict(n=1200, size=256, steps=200, batch_size=16, lr=5e-4, warmup=10, eval_fraction=0.25, seed=0)
+DEFAULTS = dict(n=1200, size=256, steps=150, batch_size=16, lr=5e-4, warmup=10, eval_fraction=0.25, seed=0)
 #: gk_mvlp_tiny config overrides for the short CPU run (``--set`` replaces them): a lighter LM weight, frozen
 #: knowledge prompts, no embeddings shared with the decoder, no dropout, the pretrained report encoder at
 #: 1/25 of the base lr (2e-5: at 5e-4 its features collapse), no ITC queue (a queue filled by a momentum
-#: tower that barely moves in a few hundred steps made loss_itc climb); the measurements behind each are
-#: in docs/experiments.md.
+#: tower that barely moves in a few hundred steps made loss_itc climb), no ITM (it stays at its prior,
+#: 0.63, for 200 steps in every run, and costs a third of a step); the measurements behind each are in
+#: docs/experiments.md.
 DEMO_OVERRIDES = {"loss.w_lm": 0.2, "gk.knowledge_encoder": "frozen", "text.share_decoder_embeddings": False,
-                  "dropout": 0.0, "lr_scale.text_encoder": 0.04, "loss.queue_size": 0}
+                  "dropout": 0.0, "lr_scale.text_encoder": 0.04, "loss.queue_size": 0, "loss.w_itm": 0.0}
 
 
 #: label fractions of the linear probe (frozen pooled image features, logistic regression per entity)

@@ -425,7 +425,9 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
 
         # ---- ITC (enqueues momentum features in training mode), ITM with hard negatives
         loss_itc = self.itc(img_feat, txt_feat, img_m, txt_m, alpha=alpha)
-        loss_itm = self._itm_loss(img_tokens, img_feat, txt_hidden, txt_feat, att, study)
+        # a zero weight skips the ITM pass (a third of a CPU step at the demo's size)
+        loss_itm = (self._itm_loss(img_tokens, img_feat, txt_hidden, txt_feat, att, study) if lc.w_itm
+                    else torch.zeros((), device=dev, dtype=dt))
 
         # ---- knowledge book, GK module, entity losses (none without the GK module)
         boxes, rmask = self.detector(images, batch["region_boxes"].to(dev, dt), batch["region_mask"].to(dev))
