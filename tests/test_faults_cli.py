@@ -74,3 +74,31 @@ def test_demo_misuse_fails_before_generating_data(tmp_path, capsys, flags, names
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: demo: ") and names in err, err
     assert not out.exists()
+
+
+def test_cuda_device_without_a_gpu_is_one_error_line(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: --device cuda is valid here")
+    for argv in (BASE + ["--out", str(tmp_path / "run"), "--device", "cuda"],
+                 ["demo", "--out", str(tmp_path / "demo"), "--device", "cuda", "--no-progress"]):
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: --device 'cuda': no CUDA device"), err
+    rc = main(["demo", "--out", str(tmp_path / "demo"), "--device", "gpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --device must be"), err
+    assert not (tmp_path / "demo" / "synthcxr").exists()
+
+
+def test_info_unknown_model_and_synth_out_file_are_named(tmp_path, capsys):
+    assert main(["info", "--model", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model 'nope' is not a preset; available: ") and "gk_mvlp_tiny" in err, err
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert main(["data", "synth", "--out", str(f), "--n", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "is a file, not a folder" in err, err
+    assert f.read_text() == "x"

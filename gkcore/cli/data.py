@@ -1,6 +1,7 @@
 """``gkcore data ...`` subcommands: ``gkcore data synth --out DIR --n N [--size S] [--seed K]``."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -8,11 +9,14 @@ import time
 def _synth(args) -> int:
     from gkcore.data.synth import generate
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"gkcore data synth: error: --out {args.out!r} is a file, not a folder", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     try:
         generate(args.out, args.n, size=args.size, seed=args.seed, progress=not args.no_progress,
                  workers=args.workers, fmt=args.format)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OSError) as e:
         print(f"gkcore data synth: error: {e}", file=sys.stderr)
         return 2
     dt = time.perf_counter() - t0

@@ -1,6 +1,8 @@
 """``gkcore info``: versions, devices, what is built, and every op's backends with their reasons."""
 from __future__ import annotations
 
+import sys
+
 import platform
 import torch
 
@@ -84,6 +86,12 @@ def run(args) -> int:
     if getattr(args, "model", None):
         from gkcore.models import parameter_table
 
+        from gkcore.models.config import list_presets
+
+        if args.model not in list_presets():
+            print(f"error: --model {args.model!r} is not a preset; available: {', '.join(list_presets())}",
+                  file=sys.stderr)
+            return 2
         rows = parameter_table(args.model)  # built on the meta device: no memory, no weights read
         info["model"] = {"name": args.model, "parameters": {k: int(v) for k, v in rows}}
     if args.json:

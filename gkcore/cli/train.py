@@ -163,6 +163,11 @@ def cmd_pretrain(args) -> int:
         print(f"error: --out: {e.strerror}", file=sys.stderr)
         return 2
 
+    try:
+        D.resolve_device(args.device)
+    except ValueError as e:
+        print(f"error: --{e}", file=sys.stderr)
+        return 2
     info = D.init_from_env(args.device)
     try:
         seed_everything(config.seed)
@@ -223,9 +228,16 @@ def cmd_demo(args) -> int:
     except ValueError as e:
         print(f"error: demo: {e}", file=sys.stderr)
         return 2
+    from gkcore.engine.launch import resolve_device
+
+    try:
+        device = str(resolve_device(args.device))
+    except ValueError as e:
+        print(f"error: --{e}", file=sys.stderr)
+        return 2
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
     res = run_demo(args.out, n=args.n, size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                   warmup=args.warmup, seed=args.seed, device=args.device, num_threads=args.num_threads,
+                   warmup=args.warmup, seed=args.seed, device=device, num_threads=args.num_threads,
                    progress=not args.no_progress, backend=args.backend, reuse_data=not args.regenerate,
                    overrides=_parse_set(args.set) if args.set else None, ablation=args.ablation,
                    gen_images=args.gen_images)

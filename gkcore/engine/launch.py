@@ -57,12 +57,18 @@ def _env_int(name: str, default: int) -> int:
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """``"auto"`` -> ``cuda:<local_rank>`` when a GPU is visible, else ``cpu``; other strings as given."""
+    """``"auto"`` -> ``cuda:<local_rank>`` when a GPU is visible, else ``cpu``; other strings as given.
+    ``ValueError`` for a string torch cannot parse and for a CUDA device on a machine without one."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
-    d = torch.device(device)
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is visible to torch; use --device cpu (or auto)")
     if d.type == "cuda" and d.index is None:
         d = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     return d
