@@ -267,8 +267,11 @@ def test_grounding_prompts_are_encoded_once(vit, monkeypatch):
     monkeypatch.setattr(vit, "_encode_prompts", lambda *a, **k: calls.append(1) or orig(*a, **k))
     vit.ground(img, ["pneumothorax", "pneumothorax"])
     assert not calls  # region prompts and the knowledge book come from the caches
-    with torch.no_grad():  # a text-tower update invalidates the prompt cache
-        vit.text_proj.weight.mul_(1.0)
+    # an optimizer step over the text tower drops the prompt cache (fused AdamW bumps no version counter, so
+    # the cache listens to optimizer steps, as the knowledge book does)
+    vit.text_proj.weight.grad = torch.zeros_like(vit.text_proj.weight)
+    torch.optim.SGD([vit.text_proj.weight], lr=0.0).step()
+    vit.text_proj.weight.grad = None
     vit.ground(img, "pneumothorax")
     assert calls
 
