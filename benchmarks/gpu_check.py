@@ -171,13 +171,9 @@ def read_jsonl(path: pathlib.Path) -> List[Dict[str, Any]]:
 
 
 def _fmt_s(s: Optional[float]) -> str:
-    if s is None:
-        return "-"
-    if s < 1e-3:
-        return f"{s * 1e6:.1f} us"
-    if s < 1:
-        return f"{s * 1e3:.2f} ms"
-    return f"{s:.2f} s"
+    from gkcore.cli.bench import fmt_time
+
+    return fmt_time(s)
 
 
 def _fmt_b(b: Optional[float]) -> str:

@@ -47,7 +47,7 @@ def _commit(repo: pathlib.Path) -> str:
     return "unknown"
 
 
-def _fmt_time(s: Optional[float]) -> str:
+def fmt_time(s: Optional[float]) -> str:
     if s is None:
         return "-"
     if s < 1e-3:
@@ -99,8 +99,8 @@ def format_table(rows: List[dict]) -> str:
         shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
         sp = r["speedup_vs_reference"]
         err = r["max_error"]
-        body.append([r["op"], shape, r["mode"], r["provider"], _fmt_time(r["median_s"]),
-                     f"{sp:.2f}x" if sp else "-", _fmt_time(r.get("floor_s")),
+        body.append([r["op"], shape, r["mode"], r["provider"], fmt_time(r["median_s"]),
+                     f"{sp:.2f}x" if sp else "-", fmt_time(r.get("floor_s")),
                      f"{r['ratio_to_floor']:.1f}" if r.get("ratio_to_floor") else "-", _fmt_bytes(r["peak_bytes"]),
                      "-" if err is None else f"{err:.2e}"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
