@@ -284,7 +284,8 @@ def run_demo(out: str = "gkcore-demo", *, n: int = DEFAULTS["n"], size: int = DE
         ab_over = {**overrides, "gk.enabled": False}
         seed_everything(seed)
         ab_model = create_model("gk_mvlp_tiny", backend=backend, **ab_over).to(device)
-        log(f"[5/{stages}] the ablation: the same model without the GK module (ITC + ITM + LM), same data, "
+        losses = "ITC + ITM + LM" if ab_model.config.loss.w_itm else "ITC + LM; ITM is off"
+        log(f"[5/{stages}] the ablation: the same model without the GK module ({losses}), same data, "
             f"split, seed and budget")
         abl_res, t_abl = _train(ab_model, loaders(ab_model)[3], out=os.path.join(out, "train_no_gk"),
                                 overrides=ab_over, **kw)
