@@ -238,6 +238,17 @@ def test_demo_loss_trend_and_json_safe():
     json.dumps(doc, allow_nan=False)
 
 
+def test_mean_pairwise_cosine():
+    from gkcore.engine.metrics import mean_pairwise_cosine
+
+    assert mean_pairwise_cosine(np.ones((5, 3))) == pytest.approx(1.0)  # collapsed: one direction
+    assert mean_pairwise_cosine(np.eye(4)) == pytest.approx(0.0)
+    assert mean_pairwise_cosine(np.array([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(-1.0)
+    assert math.isnan(mean_pairwise_cosine(np.ones((1, 3))))
+    with pytest.raises(ValueError, match="2-D"):
+        mean_pairwise_cosine(np.ones(3))
+
+
 def test_plots(tmp_path):
     from gkcore.engine.plots import plot_grounding, plot_loss_curves
 

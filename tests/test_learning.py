@@ -6,7 +6,6 @@ untrained one scores about 0.5. The image embeddings must also stay distinct.
 
 This is the CI-sized twin of ``gkcore demo`` (the full-size numbers are in the README): fewer images, a
 smaller image size and fewer steps, held-out images scored."""
-import numpy as np
 import pytest
 
 pytest.importorskip("timm")
@@ -26,13 +25,6 @@ MIN_GAIN = 0.10
 MAX_EMBEDDING_COSINE = 0.995
 
 
-def _cosine(x: np.ndarray) -> float:
-    x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    s = x @ x.T
-    n = len(x)
-    return float((s.sum() - np.trace(s)) / (n * (n - 1)))
-
-
 def test_pretraining_lifts_cardiomegaly_zero_shot(tmp_path):
     import torch
 
@@ -40,6 +32,7 @@ def test_pretraining_lifts_cardiomegaly_zero_shot(tmp_path):
     from gkcore.data import SynthCXR
     from gkcore.data.synth import generate
     from gkcore.engine import evaluate as EV
+    from gkcore.engine.metrics import mean_pairwise_cosine
     from gkcore.engine.demo import DEMO_OVERRIDES
     from gkcore.engine.trainer import TrainConfig, Trainer, seed_everything
 
@@ -54,7 +47,7 @@ def test_pretraining_lifts_cardiomegaly_zero_shot(tmp_path):
     def score():
         zs = EV.zero_shot_classification(model, test)
         emb = EV.extract_features(model, test)["image"]
-        return zs["per_class"]["cardiomegaly"], _cosine(emb)
+        return zs["per_class"]["cardiomegaly"], mean_pairwise_cosine(emb)
 
     before, _ = score()
     train = EV.make_loader(model, EV.Subset(ds, train_idx), batch_size=BATCH, train=True, num_threads=0, seed=0)

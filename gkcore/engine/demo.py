@@ -79,19 +79,6 @@ def loss_trend(history: Sequence[Dict[str, float]], window: float = 0.125, tol: 
     return out
 
 
-def _cosine(x) -> float:
-    """Mean pairwise cosine of the rows of ``x`` (the diagonal left out)."""
-    import numpy as np
-
-    x = np.asarray(x, np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    n = len(x)
-    if n < 2:
-        return float("nan")
-    s = x @ x.T
-    return float((s.sum() - np.trace(s)) / (n * (n - 1)))
-
-
 def _has_gk(model) -> bool:
     gk = getattr(model.config, "gk", None)
     return bool(getattr(gk, "enabled", True))
@@ -120,7 +107,8 @@ def _eval(model, test_loader, train_loader, gen_loader, *, keep_examples: int = 
     i2t = M.retrieval_recall(sim, sid, sid, (1, 5))
     t2i = M.retrieval_recall(sim.T, sid, sid, (1, 5))
     res.update({"i2t_R@1": i2t["R@1"], "i2t_R@5": i2t["R@5"], "t2i_R@5": t2i["R@5"], "n_retrieval": int(len(sid)),
-                "embedding_cosine": _cosine(fte["image"]), "text_embedding_cosine": _cosine(fte["text"])})
+                "embedding_cosine": M.mean_pairwise_cosine(fte["image"]),
+                "text_embedding_cosine": M.mean_pairwise_cosine(fte["text"])})
     log(f"      {tag}report generation ({GEN_IMAGES} images, greedy)")
     gen = EV.report_generation(model, gen_loader)
     res.update({"bleu4": gen["BLEU-4"], "cider": gen["CIDEr-D"], "rouge_l": gen["ROUGE-L"],

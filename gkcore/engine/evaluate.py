@@ -162,9 +162,12 @@ def extract_features(model, loader, text: bool = False, max_batches: Optional[in
     model.eval()
     out: Dict[str, List] = {"image": [], "labels": [], "study_id": [], "text": [], "report": [], "pooled": []}
     for b in _limited(loader, max_batches):
-        out["image"].append(model.encode_image(b["image"]).float().cpu())
-        if pooled:
-            out["pooled"].append(model.encode_image(b["image"], projected=False).float().cpu())
+        if pooled:  # one encoder pass for both
+            emb, pool = model.image_features(b["image"])
+            out["pooled"].append(pool.float().cpu())
+        else:
+            emb = model.encode_image(b["image"])
+        out["image"].append(emb.float().cpu())
         out["labels"].append(b["entity_labels"].cpu())
         out["study_id"].append(b["study_id"].cpu())
         out["report"].extend(b["report"])

@@ -44,7 +44,7 @@ except Exception:  # pragma: no cover - exercised only where numba is missing
     def _njit(fn):
         return fn
 
-__all__ = [
+__all__ = ["mean_pairwise_cosine", 
     "auroc", "auroc_per_class", "pointing_game", "box_iou", "average_precision", "detection_map",
     "tokenize", "bleu", "rouge_l", "cider_d", "retrieval_recall", "vqa_accuracy",
 ]
@@ -473,3 +473,17 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[str], closed: Seq
 
     return {"closed": acc(cl), "open": acc(~cl), "overall": acc(np.ones_like(cl)),
             "n_closed": int(cl.sum()), "n_open": int((~cl).sum())}
+
+
+def mean_pairwise_cosine(x: ArrayLike) -> float:
+    """Mean cosine similarity between distinct rows of ``x`` (N, D) (the diagonal left out): near 1 when the
+    embeddings have collapsed to one direction; NaN for fewer than two rows."""
+    x = _np(x, np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"x must be a 2-D (N, D) array, got shape {x.shape}")
+    n = len(x)
+    if n < 2:
+        return float("nan")
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    s = x @ x.T
+    return float((s.sum() - np.trace(s)) / (n * (n - 1)))

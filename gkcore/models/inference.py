@@ -6,7 +6,7 @@ CLIP / ALBEF style). Mixed into :class:`~gkcore.models.gk_mvlp.GKMVLP`; report g
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +46,15 @@ class InferenceAPI:
     def encode_image(self, images: torch.Tensor, projected: bool = True) -> torch.Tensor:
         """L2-normalised image embeddings (B, De) (the projected pooled image token); with
         ``projected=False`` the image encoder's pooled feature itself (B, Dv) (ViT CLS / CNN global
-        average), unnormalised, e.g. for linear probes."""
+        average), unnormalised, e.g. for linear probes. :meth:`image_features` gives both from one pass."""
+        emb, pooled = self.image_features(images)
+        return emb if projected else pooled
+
+    @inference
+    def image_features(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings (B, De), pooled features (B, Dv)) of :meth:`encode_image`, from one encoder pass."""
         tokens, emb = self._image(self._images(images))
-        return emb if projected else tokens[:, 0]
+        return emb, tokens[:, 0]
 
     @inference
     def encode_text(self, input_ids: Union[torch.Tensor, Sequence[str]],
