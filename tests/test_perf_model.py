@@ -143,3 +143,21 @@ def test_gk_mvlp_step_is_in_the_expected_range():
     assert 2.0e12 < vit_fwd < 2.4e12
     assert 15e12 < w.flops < 40e12
     assert pm.gk_mvlp_step(B=32).flops == pytest.approx(w.flops / 2, rel=1e-9)
+
+
+def test_bench_summary_keeps_times_speedup_and_profile():
+    from gkcore.cli.bench import summarise
+
+    prof = [{"op": "aten::mm", "self_ms": 700.0, "share": 0.3, "calls": 134}]
+
+    def case(provider, median, **extra):
+        return {"name": f"test_x[{provider}]", "fullname": f"t::test_x[{provider}]",
+                "stats": {"median": median, "min": median, "mean": median, "rounds": 2, "data": [median, median]},
+                "extra_info": {"op": "train_step", "provider": provider, "mode": "full", "shape": {"B": 16},
+                               "peak_bytes": 10, **extra}}
+
+    rows = {r["provider"]: r for r in summarise({"benchmarks": [case("reference", 3.0),
+                                                                 case("auto", 2.0, profile=prof)]})}
+    assert rows["auto"]["speedup_vs_reference"] == pytest.approx(1.5)
+    assert rows["auto"]["profile"] == prof and "profile" not in rows["reference"]
+    assert rows["reference"]["times_s"] == [3.0, 3.0]

@@ -67,7 +67,8 @@ def _fmt_bytes(b) -> str:
     return "-"
 
 
-#: performance-model fields copied from each benchmark's extra_info (benchmarks/perf_model.py, harness.py)
+#: performance-model fields copied from each benchmark's extra_info (benchmarks/perf_model.py, harness.py);
+#: a benchmark's ``profile`` (the ops that take its time, test_bench_train_step.py) is copied when present
 PERF_FIELDS = ("flops", "bytes", "floor_s", "floor_bound", "ratio_to_floor", "peaks")
 
 
@@ -81,7 +82,8 @@ def summarise(raw: dict) -> List[dict]:
                          median_s=st.get("median"), min_s=st.get("min"), mean_s=st.get("mean"),
                          rounds=st.get("rounds"), times_s=st.get("data"), peak_bytes=ei.get("peak_bytes"),
                          max_error=ei.get("max_error"), test=b.get("fullname", b["name"]),
-                         **{k: ei.get(k) for k in PERF_FIELDS}))
+                         **{k: ei.get(k) for k in PERF_FIELDS},
+                         **({"profile": ei["profile"]} if ei.get("profile") else {})))
     base = {}
     for r in rows:
         if r["provider"] == "reference":

