@@ -566,6 +566,26 @@ def test_bf16_autocast_forward_backward(tiny, batch):
     tiny.zero_grad(set_to_none=True)
 
 
+def test_zero_weight_skips_itm_and_ecls():
+    """``loss.w_itm`` / ``loss.w_ecls`` = 0 skip their losses (reported as exactly 0, no gradient to
+    ``ecls_temp`` or the ITM head) and leave the others as they are."""
+    torch.manual_seed(0)
+    full = micro()
+    torch.manual_seed(0)
+    cut = micro(loss__w_itm=0.0, loss__w_ecls=0.0)
+    full.train()
+    cut.train()
+    b = make_batch(full, B=4, seed=3)
+    a, o = full(b), cut(b)
+    assert float(o["loss_itm"]) == 0.0 and float(o["loss_ecls"]) == 0.0
+    assert float(a["loss_itm"]) > 0 and float(a["loss_ecls"]) > 0
+    for k in ("loss_itc", "loss_lm", "loss_gk"):
+        torch.testing.assert_close(o[k], a[k])
+    o["loss"].backward()
+    assert cut.ecls_temp.grad is None
+    assert all(p.grad is None for p in cut.itm_head.parameters())
+
+
 @pytest.mark.parametrize("freeze", [True, False])
 def test_knowledge_encoder_freeze_switch(freeze):
     """With only the entity losses weighted, the text tower gets a gradient exactly when the knowledge

@@ -37,6 +37,7 @@ Losses of ``model(batch)`` (each a scalar; ``loss`` = weighted sum with ``config
 * ``loss_ecls``: LECLS, ``entity_contrastive_loss`` between the image embedding (B, De) and the knowledge
   book's entity embeddings (E, De) with ``entity_labels`` (samples without a present entity left out),
   learnable temperature ``ecls_temp``.
+* A zero weight (``loss.w_itm`` / ``loss.w_ecls`` = 0) skips that loss: it is reported as 0.
 * ``loss_gk``: CE of the GK head's per-entity present/absent logits against ``entity_labels`` (entities
   labelled -1, not mentioned, are ignored). This trains the zero-shot head (MedKLIP-style).
 
@@ -425,7 +426,7 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
 
         # ---- ITC (enqueues momentum features in training mode), ITM with hard negatives
         loss_itc = self.itc(img_feat, txt_feat, img_m, txt_m, alpha=alpha)
-        # a zero weight skips the ITM pass (a third of a CPU step at the demo's size)
+        # a zero weight skips the ITM pass (a third of a CPU step at the demo's size) and LECLS below
         loss_itm = (self._itm_loss(img_tokens, img_feat, txt_hidden, txt_feat, att, study) if lc.w_itm
                     else torch.zeros((), device=dev, dtype=dt))
 
@@ -437,7 +438,8 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
             if labels.shape[1] != feats.shape[0]:
                 raise ValueError(f"batch['entity_labels'] has {labels.shape[1]} entities, the knowledge book "
                                  f"{feats.shape[0]}")
-            loss_ecls = self._ecls_loss(img_feat, emb, labels)
+            loss_ecls = (self._ecls_loss(img_feat, emb, labels) if lc.w_ecls
+                         else torch.zeros((), device=dev, dtype=dt))
             gk = self._run_gk(img_tokens[:, 1:], boxes, rmask, feats, book=feats)
             loss_gk = self._gk_loss(gk["logits"], labels)
         else:
