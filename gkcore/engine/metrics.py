@@ -44,9 +44,9 @@ except Exception:  # pragma: no cover - exercised only where numba is missing
     def _njit(fn):
         return fn
 
-__all__ = ["mean_pairwise_cosine", 
+__all__ = [
     "auroc", "auroc_per_class", "pointing_game", "box_iou", "average_precision", "detection_map",
-    "tokenize", "bleu", "rouge_l", "cider_d", "retrieval_recall", "vqa_accuracy",
+    "tokenize", "bleu", "rouge_l", "cider_d", "retrieval_recall", "vqa_accuracy", "mean_pairwise_cosine",
 ]
 
 ArrayLike = Union[np.ndarray, Sequence, "torch.Tensor"]  # noqa: F821
