@@ -405,6 +405,29 @@ def test_module_matches_functional_and_ties():
     assert "vocab_size=97" in repr(tied)
 
 
+def test_module_rows_score_a_restricted_vocabulary():
+    """``rows``: the loss over the gathered rows only (targets index into rows), gradient on those rows only;
+    bad rows name the argument."""
+    torch.manual_seed(1)
+    head = LinearCrossEntropy(16, 97, label_smoothing=0.1)
+    rows = torch.tensor([0, 3, 10, 42, 96])
+    h = torch.randn(2, 6, 16)
+    y = torch.randint(0, 5, (2, 6))
+    y[0, :2] = -100
+    loss = head(h, y, rows=rows)
+    logits = h @ head.weight[rows].T + head.bias[rows]
+    exp = torch.nn.functional.cross_entropy(logits.reshape(-1, 5), y.reshape(-1), label_smoothing=0.1)
+    assert_close_report(loss, exp.detach(), atol=1e-5)
+    loss.backward()
+    outside = torch.ones(97, dtype=torch.bool)
+    outside[rows] = False
+    assert bool(head.weight.grad[rows].abs().sum() > 0)
+    assert float(head.weight.grad[outside].abs().max()) == 0.0 and float(head.bias.grad[outside].abs().max()) == 0.0
+    for bad in (torch.tensor([], dtype=torch.long), torch.tensor([[1, 2]]), torch.tensor([1.0, 2.0])):
+        with pytest.raises(ValueError, match="rows"):
+            head(h, y, rows=bad)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_module_cuda_bf16_runs_triton():
     head = LinearCrossEntropy(64, 1000, device="cuda", dtype=torch.bfloat16)

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -584,6 +585,79 @@ def test_zero_weight_skips_itm_and_ecls():
     o["loss"].backward()
     assert cut.ecls_temp.grad is None
     assert all(p.grad is None for p in cut.itm_head.parameters())
+
+
+def test_lm_vocab_restricts_the_lm_head_and_generation(tmp_path):
+    """``text.lm_vocab``: the LM loss is the cross-entropy over those rows of the head (targets mapped to
+    them, a token outside counting as [UNK]); generation emits only those tokens; the vocabulary comes
+    back from a checkpoint; bad ids name the field."""
+    from gkcore.data import report_token_ids
+
+    vocab = report_token_ids(REPORTS[:2])
+    torch.manual_seed(0)
+    model = micro(text__lm_vocab=vocab, dropout=0.0).train()
+    tok = model.tokenizer
+    rows = model.lm_rows
+    assert rows.tolist() == sorted(set(vocab) | {tok.sep_token_id, tok.unk_token_id})
+    b = make_batch(model, B=4, seed=3)  # reports 3..6: some of their tokens are outside the vocabulary
+    ids, att = b["input_ids"].long(), b["attention_mask"].long()
+    assert not set(ids[att.bool()].tolist()) <= set(rows.tolist())
+    out = model(b)
+    with torch.no_grad():
+        img_tokens, _ = model._image(b["image"])
+        boxes, rmask = model.detector(b["image"], b["region_boxes"], b["region_mask"])
+        feats, _ = model.knowledge_book()
+        gk = model._run_gk(img_tokens[:, 1:], boxes, rmask, feats, book=feats)
+        enc, enc_mask = model._decoder_memory(img_tokens, gk, rmask)
+        dec_ids = ids.clone()
+        dec_ids[:, 0] = model.bos_token_id
+        h = model.decoder(dec_ids, att, enc, enc_mask)[:, :-1]
+        logits = h @ model.lm_head.weight[rows].T + model.lm_head.bias[rows]
+        pos = {t: i for i, t in enumerate(rows.tolist())}
+        unk = pos[tok.unk_token_id]
+        y = torch.tensor([[pos.get(t, unk) if a else -100 for t, a in zip(r[1:], m[1:])]
+                          for r, m in zip(ids.tolist(), att.tolist())])
+        exp = F.cross_entropy(logits.reshape(-1, len(rows)), y.reshape(-1), ignore_index=-100,
+                              label_smoothing=model.config.loss.label_smoothing)
+    torch.testing.assert_close(out["loss_lm"], exp, rtol=1e-4, atol=1e-4)
+    model.eval()
+    gen, _ = model.generate(b["image"][:2], max_length=10, num_beams=2)
+    assert set(gen.flatten().tolist()) <= set(rows.tolist())
+    path = str(tmp_path / "vocab.safetensors")
+    model.save(path)
+    back = GKMVLP.load(path).eval()
+    assert back.config.text.lm_vocab == vocab and torch.equal(back.lm_rows, rows)
+    torch.testing.assert_close(back.generate(b["image"][:2], max_length=10, num_beams=2)[0], gen)
+    for bad in ([-1, 5], [30522], ["the"], [1.5]):
+        with pytest.raises(ValueError, match="text.lm_vocab"):
+            micro(text__lm_vocab=bad)
+
+
+def test_zero_momentum_reuses_online_features():
+    """``loss.momentum = 0`` without dropout: the momentum features are the online ones, so the momentum
+    encoders are not run, and the losses match a momentum just above 0 that does run them; with dropout
+    the momentum pass still runs."""
+    torch.manual_seed(0)
+    zero = micro(loss__momentum=0.0, dropout=0.0)
+    torch.manual_seed(0)
+    tiny = micro(loss__momentum=1e-12, dropout=0.0)
+    torch.manual_seed(0)
+    noisy = micro(loss__momentum=0.0, dropout=0.1)
+    calls = []
+    for mdl in (zero, tiny, noisy):
+        mdl.train()
+        mdl.visual_m.register_forward_hook(lambda mod, i, o, mdl=mdl: calls.append(mdl))
+        mdl.text_encoder_m.register_forward_hook(lambda mod, i, o, mdl=mdl: calls.append(mdl))
+    b = make_batch(zero, B=4, seed=5)
+    a, o = zero(b), tiny(b)
+    noisy(b)
+    assert not any(c is zero for c in calls)
+    assert sum(c is tiny for c in calls) == 2 and sum(c is noisy for c in calls) == 2
+    for k in ("loss", "loss_itc", "loss_lm", "loss_gk"):
+        torch.testing.assert_close(a[k], o[k], rtol=1e-5, atol=1e-5)
+    zero.eval()
+    zero(b)
+    assert sum(c is zero for c in calls) == 2  # evaluation runs the momentum copies (they lag one step)
 
 
 @pytest.mark.parametrize("freeze", [True, False])

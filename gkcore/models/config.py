@@ -70,6 +70,11 @@ class TextConfig:
     share_decoder_embeddings: bool = False
     tie_lm_head: bool = True
     bos_token: str = "[unused0]"
+    #: the token ids the LM head scores and generation may emit (a restricted output vocabulary, e.g. the
+    #: tokens of the training reports: ``gkcore.data.report_token_ids``); None = the whole vocabulary.
+    #: The separator (end of report) and unknown tokens are always in it; a target outside it counts as
+    #: the unknown token. Parameter shapes do not change, so checkpoints load with or without it.
+    lm_vocab: Optional[List[int]] = None
     #: sentence feature of the report / prompt fed to ``text_proj`` and to the GK queries: "mean" (masked
     #: mean over the tokens, how sentence-transformer checkpoints such as MiniLM were trained; their CLS
     #: token after the first layers is nearly the same vector for every sentence) or "cls" (BERT's CLS)

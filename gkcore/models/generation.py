@@ -30,9 +30,13 @@ class ReportGeneration:
         else:
             past = _cache_length(cache)
             h = self.decoder(ids[:, past:], None, enc, enc_mask, cache=cache, past_length=past)[:, -1]
-        logits = F.linear(h.float(), self.lm_head.weight.float(),
-                          None if self.lm_head.bias is None else self.lm_head.bias.float())
-        return torch.log_softmax(logits, -1)
+        w, b, rows = self.lm_head.weight, self.lm_head.bias, self.lm_rows
+        if rows is not None:  # text.lm_vocab: only its tokens can be emitted (-inf elsewhere)
+            w, b = w[rows], None if b is None else b[rows]
+        lp = torch.log_softmax(F.linear(h.float(), w.float(), None if b is None else b.float()), -1)
+        if rows is None:
+            return lp
+        return lp.new_full((lp.shape[0], self.lm_head.vocab_size), float("-inf")).index_copy_(1, rows, lp)
 
     @torch.no_grad()
     def generate_report(self, images: torch.Tensor, max_length: Optional[int] = None, num_beams: int = 1,

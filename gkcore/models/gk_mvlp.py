@@ -179,6 +179,7 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
                                               backend=backend)
         if tc.tie_lm_head:
             self.lm_head.weight = self.decoder.embed.word_embeddings.weight
+        self._init_lm_vocab(tc.lm_vocab, tc.vocab_size)
         # LECLS temperature (no LECLS without the GK module: kept, frozen, for a uniform state dict)
         self.ecls_temp = nn.Parameter(torch.tensor(float(lc.temperature)), requires_grad=bool(gc.enabled))
 
@@ -239,6 +240,32 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         pm = [b for _, b in pairs]
         torch._foreach_mul_(pm, m)
         torch._foreach_add_(pm, [a.detach() for a, _ in pairs], alpha=1.0 - m)
+
+    def _init_lm_vocab(self, vocab: Optional[Sequence[int]], size: int) -> None:
+        """Buffers of ``text.lm_vocab`` (not saved: the config rebuilds them): ``lm_rows`` (K,) the sorted
+        token ids the LM head scores, ``lm_index`` (V,) each token id's row in it (the unknown token's row
+        for ids outside it); both None for the whole vocabulary."""
+        rows = index = None
+        if vocab is not None:
+            if isinstance(vocab, (str, bytes)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in vocab):
+                raise ValueError(f"text.lm_vocab must be a list of token ids (ints), got {str(vocab)[:80]!r}")
+            bad = [t for t in vocab if not 0 <= t < size]
+            if bad:
+                raise ValueError(f"text.lm_vocab has ids outside [0, {size}): {bad[:5]}")
+            tok = self.tokenizer
+            keep = set(vocab) | {int(tok.sep_token_id), int(tok.unk_token_id)}  # the end and out-of-vocabulary targets
+            rows = torch.tensor(sorted(keep), dtype=torch.long)
+            index = torch.full((size,), int((rows == tok.unk_token_id).nonzero()[0, 0]), dtype=torch.long)
+            index[rows] = torch.arange(len(rows))
+        self.register_buffer("lm_rows", rows, persistent=False)
+        self.register_buffer("lm_index", index, persistent=False)
+
+    def _momentum_is_online(self) -> bool:
+        """True in a training step with ``loss.momentum = 0`` and no dropout or drop-path: the update has just
+        copied the online encoders into the momentum ones, so the momentum features are the online
+        features and their second forward pass is skipped."""
+        c = self.config
+        return self.training and c.loss.momentum == 0 and c.dropout == 0 and not c.vision.drop_path_rate
 
     def queues(self) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """The ITC feature queues (image (Q, De), text (Q, De)) and the write pointer."""
@@ -421,8 +448,11 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         with torch.no_grad():
             if self.training:
                 self.momentum_update()
-            img_m = F.normalize(self.vision_proj_m(self.visual_m(images)[:, 0]), dim=-1)
-            txt_m = F.normalize(self.text_proj_m(self.pool_text(self.text_encoder_m(ids, att), att)), dim=-1)
+            if self._momentum_is_online():  # the copies now equal the online encoders: same features
+                img_m, txt_m = img_feat.detach(), txt_feat.detach()
+            else:
+                img_m = F.normalize(self.vision_proj_m(self.visual_m(images)[:, 0]), dim=-1)
+                txt_m = F.normalize(self.text_proj_m(self.pool_text(self.text_encoder_m(ids, att), att)), dim=-1)
 
         # ---- ITC (enqueues momentum features in training mode), ITM with hard negatives
         loss_itc = self.itc(img_feat, txt_feat, img_m, txt_m, alpha=alpha)

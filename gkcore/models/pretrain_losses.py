@@ -99,4 +99,7 @@ class PretrainLosses:
         dec_ids[:, 0] = self.bos_token_id
         hidden = self.decoder(dec_ids, att, enc, enc_mask)
         targets = ids[:, 1:].masked_fill(att[:, 1:] == 0, -100)
-        return self.lm_head(hidden[:, :-1], targets)  # label smoothing set in the head; padding ignored
+        if self.lm_rows is not None:  # text.lm_vocab: targets become rows of the restricted vocabulary
+            targets = torch.where(targets < 0, targets, self.lm_index[targets.clamp(min=0)])
+        # label smoothing set in the head; padding ignored
+        return self.lm_head(hidden[:, :-1], targets, rows=self.lm_rows)

@@ -19,6 +19,10 @@ class LinearCrossEntropy(nn.Module):
     targets' shape for ``'none'``) without materialising the (tokens x vocab) logits; see
     :func:`gkcore.functional.linear_cross_entropy` for the math, ``ignore_index``, ``label_smoothing``,
     ``softcap`` and the all-ignored case (mean = 0).
+
+    ``forward(hidden, targets, rows=...)`` scores only the vocabulary rows ``rows`` (K,) (a restricted
+    output vocabulary; ``targets`` then index into ``rows``): the weight and bias rows are gathered, so the
+    cost is K rather than vocab_size, and the gradient reaches only those rows.
     """
 
     def __init__(self, in_features: int, vocab_size: int, bias: bool = True, ignore_index: int = -100,
@@ -45,8 +49,13 @@ class LinearCrossEntropy(nn.Module):
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return linear_cross_entropy(hidden, self.weight, targets, self.bias, ignore_index=self.ignore_index,
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if rows is not None:
+            if rows.ndim != 1 or rows.dtype not in (torch.int64, torch.int32) or rows.numel() == 0:
+                raise ValueError(f"rows must be a non-empty 1-d integer tensor, got {rows.dtype} {tuple(rows.shape)}")
+            w, b = w[rows], None if b is None else b[rows]
+        return linear_cross_entropy(hidden, w, targets, b, ignore_index=self.ignore_index,
                                     label_smoothing=self.label_smoothing, reduction=self.reduction,
                                     softcap=self.softcap, backend=self.backend)
 
