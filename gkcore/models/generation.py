@@ -30,9 +30,8 @@ class ReportGeneration:
         else:
             past = _cache_length(cache)
             h = self.decoder(ids[:, past:], None, enc, enc_mask, cache=cache, past_length=past)[:, -1]
-        w, b, rows = self.lm_head.weight, self.lm_head.bias, self.lm_rows
-        if rows is not None:  # text.lm_vocab: only its tokens can be emitted (-inf elsewhere)
-            w, b = w[rows], None if b is None else b[rows]
+        rows = self.lm_rows  # text.lm_vocab: only its tokens can be emitted (-inf elsewhere)
+        w, b = self.lm_head.rows(rows)
         lp = torch.log_softmax(F.linear(h.float(), w.float(), None if b is None else b.float()), -1)
         if rows is None:
             return lp

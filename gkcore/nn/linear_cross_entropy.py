@@ -49,12 +49,17 @@ class LinearCrossEntropy(nn.Module):
             bound = 1.0 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def rows(self, rows: Optional[torch.Tensor] = None):
+        """``(weight, bias)`` restricted to the vocabulary rows ``rows`` (K,) (None: the whole head)."""
         w, b = self.weight, self.bias
-        if rows is not None:
-            if rows.ndim != 1 or rows.dtype not in (torch.int64, torch.int32) or rows.numel() == 0:
-                raise ValueError(f"rows must be a non-empty 1-d integer tensor, got {rows.dtype} {tuple(rows.shape)}")
-            w, b = w[rows], None if b is None else b[rows]
+        if rows is None:
+            return w, b
+        if rows.ndim != 1 or rows.dtype not in (torch.int64, torch.int32) or rows.numel() == 0:
+            raise ValueError(f"rows must be a non-empty 1-d integer tensor, got {rows.dtype} {tuple(rows.shape)}")
+        return w[rows], None if b is None else b[rows]
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        w, b = self.rows(rows)
         return linear_cross_entropy(hidden, w, targets, b, ignore_index=self.ignore_index,
                                     label_smoothing=self.label_smoothing, reduction=self.reduction,
                                     softcap=self.softcap, backend=self.backend)
