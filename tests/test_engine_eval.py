@@ -198,6 +198,15 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert "NaN" not in raw and "Infinity" not in raw
     r = json.loads(raw)
     assert r["train"]["steps"] == 3 and r["train"]["status"] == "completed"
+    # the LM head scores only the training reports' tokens (text.lm_vocab, added unless --set names it)
+    from gkcore.data import SynthCXR, report_token_ids
+    from gkcore.engine.evaluate import split_indices
+
+    ds = SynthCXR(os.path.join(out, "synthcxr"))
+    train_idx, _ = split_indices(len(ds), 0.25, 0)
+    vocab = report_token_ids([ds.records[i]["report"] for i in train_idx])
+    assert r["settings"]["overrides"]["text.lm_vocab"] == vocab
+    assert f"<{len(vocab)} token ids of the training reports>" in text
     for part in ("before", "after", "ablation"):
         assert 0.0 <= r[part]["zero_shot_auroc"] <= 1.0, part
         assert 0.0 <= r[part]["bleu4"] <= 1.0 and r[part]["cider"] >= 0.0, part
@@ -217,6 +226,7 @@ def test_demo_end_to_end_small(tmp_path, capsys):
 
     m = GKMVLP.load(os.path.join(out, "model.safetensors"))
     assert m.config.image_size == 64 and m.config.dropout == 0.0
+    assert m.config.text.lm_vocab == vocab and m.lm_rows is not None and len(m.lm_rows) <= len(vocab) + 2
     # a second run reuses the generated images
     assert main(argv + ["--steps", "1"]) == 0
     assert "reusing the synthetic set" in capsys.readouterr().out
