@@ -29,7 +29,7 @@ from .trainer import TrainConfig, Trainer, seed_everything
 __all__ = ["run_demo", "DEFAULTS", "DEMO_OVERRIDES", "PROBE_FRACTIONS", "loss_trend", "json_safe"]
 
 #: defaults measured on the 2-core CPU box (see the README for the timing)
-DEFAULTS = dict(n=1200, size=256, steps=340, batch_size=16, lr=5e-4, warmup=10, eval_fraction=0.25, seed=0)
+DEFAULTS = dict(n=1200, size=256, steps=400, batch_size=16, lr=5e-4, warmup=10, eval_fraction=0.25, seed=0)
 #: gk_mvlp_tiny config overrides for the short CPU run (``--set`` replaces them): a lighter LM weight, frozen
 #: knowledge prompts, no embeddings shared with the decoder, no dropout, the pretrained report encoder at
 #: 1/25 of the base lr (2e-5: at 5e-4 its features collapse), no ITC queue (a queue filled by a momentum
