@@ -153,10 +153,10 @@ def _train(model, train_loader, *, steps, lr, warmup, seed, progress, out, overr
     return res, time.perf_counter() - t1
 
 
-def _shown(overrides: Dict[str, Any]) -> Dict[str, Any]:
-    """``overrides`` for the log: a token list as its length."""
-    return {k: (f"<{len(v)} token ids of the training reports>" if k == "text.lm_vocab" and isinstance(v, list)
-                else v) for k, v in overrides.items()}
+def _shown(overrides: Dict[str, Any], longest: int = 8) -> Dict[str, Any]:
+    """``overrides`` for the log: a list longer than ``longest`` as its length."""
+    return {k: (f"<{len(v)} values>" if isinstance(v, list) and len(v) > longest else v)
+            for k, v in overrides.items()}
 
 
 def _fmt(v) -> str:
@@ -264,11 +264,12 @@ def run_demo(out: str = "gkcore-demo", *, n: int = DEFAULTS["n"], size: int = DE
     ds = SynthCXR(data_dir)
     train_idx, test_idx = EV.split_indices(len(ds), eval_fraction, seed)
     t_data = time.perf_counter() - t0
+    train_reports = [ds.records[i]["report"] for i in train_idx]
     overrides = dict(DEMO_OVERRIDES if overrides is None else overrides)
     if "text.lm_vocab" not in overrides:  # the decoder writes only tokens the training reports use
         from gkcore.data import report_token_ids
 
-        overrides["text.lm_vocab"] = report_token_ids([ds.records[i]["report"] for i in train_idx])
+        overrides["text.lm_vocab"] = report_token_ids(train_reports)
 
     def loaders(model):
         kw = dict(batch_size=batch_size, device=device, num_threads=num_threads, seed=seed)
@@ -309,7 +310,7 @@ def run_demo(out: str = "gkcore-demo", *, n: int = DEFAULTS["n"], size: int = DE
 
     # baselines: chance for the ranking metrics, the most frequent training report for generation
     n_ret = max(after["n_retrieval"], 1)
-    rb = EV.report_baseline([ds.records[i]["report"] for i in train_idx],
+    rb = EV.report_baseline(train_reports,
                             [ds.records[i]["report"] for i in test_idx[:gen_images]])
     baseline = {"zero_shot_auroc": 0.5, "pointing_game": after["pointing_chance"], "i2t_R@1": 1.0 / n_ret,
                 "i2t_R@5": min(1.0, 5.0 / n_ret), "t2i_R@5": min(1.0, 5.0 / n_ret), "bleu4": rb["BLEU-4"],
