@@ -587,6 +587,54 @@ def test_zero_weight_skips_itm_and_ecls():
     assert all(p.grad is None for p in cut.itm_head.parameters())
 
 
+def test_decoder_entity_states_condition_the_lm_on_the_gk_head(tmp_path):
+    """``gk.decoder_entity_states``: the decoder reads 2 P(present) - 1 of every knowledge entity through
+    ``decoder.cond_proj``; the LM loss changes with that condition, trains the projection and never the GK
+    head through it (detached); cached decoding equals uncached; a checkpoint brings it back; off by
+    default and without the GK module."""
+    assert micro().decoder.cond_proj is None
+    assert micro(gk__enabled=False, gk__decoder_entity_states=True).decoder.cond_proj is None
+    torch.manual_seed(0)
+    model = micro(gk__decoder_entity_states=True).train()
+    E = len(model.entity_prompts)
+    assert model.decoder.cond_proj.in_features == E
+    b = make_batch(model, B=4, seed=1)
+    out = model(b)
+    out["loss_lm"].backward()
+    assert model.decoder.cond_proj.weight.grad.abs().sum() > 0
+    assert model.gk.cls_head.weight.grad is None  # the condition is detached: LM does not train the head
+    model.zero_grad(set_to_none=True)
+
+    cond = {}
+    real = model._decoder_condition
+    model._decoder_condition = lambda gk: cond.setdefault("c", real(gk))
+    with torch.no_grad():
+        base = float(model(b)["loss_lm"])
+        c = cond["c"]
+        assert c.shape == (4, E) and float(c.abs().max()) <= 1.0
+        cond["c"] = -c  # every entity's state flipped
+        flipped = float(model(b)["loss_lm"])
+    del model._decoder_condition
+    assert abs(base - flipped) > 1e-4
+
+    model.eval()
+    img = b["image"][:2]
+    for beams in (1, 3):
+        ids_c, sc_c = model.generate(img, max_length=10, num_beams=beams)
+        ids_u, sc_u = model.generate(img, max_length=10, num_beams=beams, use_cache=False)
+        assert torch.equal(ids_c, ids_u)
+        torch.testing.assert_close(sc_c, sc_u, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="cond"):
+        model.decoder(b["input_ids"][:2], None, torch.zeros(2, 3, model.visual.width), cond=torch.zeros(2, E + 1))
+    with pytest.raises(ValueError, match="cond"):
+        model.decoder(b["input_ids"][:2], None, torch.zeros(2, 3, model.visual.width))
+    path = str(tmp_path / "m.safetensors")
+    model.save(path)
+    back = GKMVLP.load(path).eval()
+    assert back.config.gk.decoder_entity_states
+    assert torch.equal(back.generate(img, max_length=10)[0], model.generate(img, max_length=10)[0])
+
+
 def test_lm_vocab_restricts_the_lm_head_and_generation(tmp_path):
     """``text.lm_vocab``: the LM loss is the cross-entropy over those rows of the head (targets mapped to
     them, a token outside counting as [UNK]); generation emits only those tokens; the vocabulary comes

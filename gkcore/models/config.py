@@ -101,6 +101,11 @@ class GKConfig:
     #: recomputed after every update of it); "frozen": a frozen copy made at build time (book computed once)
     knowledge_encoder: str = "online"
     decoder_attends_gk: bool = True
+    #: condition the report decoder on the GK head's entity probabilities: every decoder input embedding
+    #: is offset by a learned projection of (2 p - 1) (B, E), p = P(present) per knowledge entity, detached
+    #: (the LM loss does not train the GK head through it); off by default, on in the demo
+    #: (docs/experiments.md)
+    decoder_entity_states: bool = False
     #: subtract the knowledge book's mean prompt feature from every query before its projection (prompts
     #: share a large common part); off: no gain in the full demo (docs/experiments.md)
     center_queries: bool = False

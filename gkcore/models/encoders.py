@@ -313,14 +313,17 @@ class FusionEncoder(nn.Module):
 class ReportDecoder(nn.Module):
     """Causal BERT decoder with cross-attention to the image (and GK) tokens, and an LM-head transform.
 
-    ``forward(input_ids (B, L), attention_mask (B, L), enc (B, S, Dv), cache=None) -> hidden (B, L, Dt)``
+    ``forward(input_ids (B, L), attention_mask (B, L), enc (B, S, Dv), cache=None, cond=None) -> hidden (B, L, Dt)``
     after BERT's prediction-head transform (dense, GELU, LayerNorm); the vocabulary projection and the
     loss live in the LM head (``gkcore.nn.LinearCrossEntropy``), which never materialises the logits
-    during training.
+    during training. With ``cond_dim`` > 0, ``cond`` (B, cond_dim) is projected (``cond_proj``, Linear to
+    Dt) and added to the input embedding of every position (GK-MVLP passes the GK head's entity states).
     """
 
-    def __init__(self, cfg: TextConfig, dropout: float, enc_width: int, embeddings: Optional[BertEmbeddings] = None):
+    def __init__(self, cfg: TextConfig, dropout: float, enc_width: int, embeddings: Optional[BertEmbeddings] = None,
+                 cond_dim: int = 0):
         super().__init__()
+        self.cond_proj = nn.Linear(cond_dim, cfg.hidden_size) if cond_dim > 0 else None
         self.shared_embeddings = embeddings is not None
         if embeddings is None:
             self.embeddings = BertEmbeddings(cfg, dropout)
@@ -336,8 +339,15 @@ class ReportDecoder(nn.Module):
         return self._shared[0] if self.shared_embeddings else self.embeddings
 
     def forward(self, input_ids, attention_mask, enc, enc_mask=None, cache: Optional[List[Dict]] = None,
-                past_length: int = 0):
+                past_length: int = 0, cond: Optional[torch.Tensor] = None):
         x = self.embed(input_ids, past_length=past_length)
+        if (cond is None) != (self.cond_proj is None):
+            raise ValueError("cond must be given exactly when the decoder was built with cond_dim > 0")
+        if cond is not None:
+            if cond.shape != (x.shape[0], self.cond_proj.in_features):
+                raise ValueError(f"cond must have shape ({x.shape[0]}, {self.cond_proj.in_features}), "
+                                 f"got {tuple(cond.shape)}")
+            x = x + self.cond_proj(cond.to(x.dtype))[:, None]
         m = None if attention_mask is None else _key_mask(attention_mask)
         em = _key_mask(enc_mask)
         for i, blk in enumerate(self.layer):

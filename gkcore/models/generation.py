@@ -21,15 +21,16 @@ class ReportGeneration:
     """:meth:`generate` and :meth:`generate_report` of :class:`~gkcore.models.gk_mvlp.GKMVLP` (a mixin)."""
 
     @torch.no_grad()
-    def _next_logprobs(self, ids, enc, enc_mask, cache: Optional[List[Dict]] = None):
+    def _next_logprobs(self, ids, enc, enc_mask, cache: Optional[List[Dict]] = None, cond=None):
         """Log-probabilities (B, V) of the token after ``ids`` (B, T). Without ``cache`` the decoder runs on
         the whole prefix; with ``cache`` (one dict per decoder layer, filled here) only on the positions
-        the cache does not hold yet (the newest token after the first call)."""
+        the cache does not hold yet (the newest token after the first call). ``cond``: the decoder's
+        condition (B, E) or None (``gk.decoder_entity_states``)."""
         if cache is None:
-            h = self.decoder(ids, torch.ones_like(ids), enc, enc_mask)[:, -1]
+            h = self.decoder(ids, torch.ones_like(ids), enc, enc_mask, cond=cond)[:, -1]
         else:
             past = _cache_length(cache)
-            h = self.decoder(ids[:, past:], None, enc, enc_mask, cache=cache, past_length=past)[:, -1]
+            h = self.decoder(ids[:, past:], None, enc, enc_mask, cache=cache, past_length=past, cond=cond)[:, -1]
         rows = self.lm_rows  # text.lm_vocab: only its tokens can be emitted (-inf elsewhere)
         w, b = self.lm_head.rows(rows)
         lp = torch.log_softmax(F.linear(h.float(), w.float(), None if b is None else b.float()), -1)
@@ -76,17 +77,19 @@ class ReportGeneration:
             feats, _ = self.knowledge_book()
             gk = self._run_gk(tokens[:, 1:], boxes, rmask, feats, book=feats)
         enc, enc_mask = self._decoder_memory(tokens, gk, rmask)
+        cond = self._decoder_condition(gk)
         B, K, dev = images.shape[0], num_beams, images.device
         sep = self.tokenizer.sep_token_id
         enc = enc.repeat_interleave(K, 0)
         enc_mask = None if enc_mask is None else enc_mask.repeat_interleave(K, 0)
+        cond = None if cond is None else cond.repeat_interleave(K, 0)
         seqs = torch.full((B * K, 1), self.bos_token_id, dtype=torch.long, device=dev)
         scores = torch.zeros(B, K, device=dev)
         scores[:, 1:] = float("-inf")  # start from one live beam per image
         done = torch.zeros(B * K, dtype=torch.bool, device=dev)
         cache = [{} for _ in self.decoder.layer] if use_cache else None
         for _ in range(max_length - 1):
-            lp = self._next_logprobs(seqs, enc, enc_mask, cache)  # (B*K, V)
+            lp = self._next_logprobs(seqs, enc, enc_mask, cache, cond)  # (B*K, V)
             V = lp.shape[-1]
             # finished beams only extend with SEP at no cost
             lp = torch.where(done[:, None], torch.full_like(lp, float("-inf")), lp)

@@ -150,7 +150,9 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         Dv, Dt, De = self.visual.width, tc.hidden_size, config.embed_dim
         self.text_encoder = TextEncoder(tc, p)
         self.fusion_encoder = FusionEncoder(tc, p, Dv)
-        self.decoder = ReportDecoder(tc, p, Dv, embeddings=self.text_encoder.embeddings if tc.share_decoder_embeddings else None)
+        self._prompts = list(K.entity_prompts())
+        self.decoder = ReportDecoder(tc, p, Dv, embeddings=self.text_encoder.embeddings if tc.share_decoder_embeddings else None,
+                                     cond_dim=len(self._prompts) if gc.enabled and gc.decoder_entity_states else 0)
         for tower in (self.text_encoder, self.fusion_encoder, self.decoder):
             init_bert_weights(tower)
         if init_pretrained and tc.pretrained:
@@ -205,7 +207,6 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         self.itm_generator: Optional[torch.Generator] = None
         self._itm_rng()
         self.last_itm_negatives: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self._prompts = list(K.entity_prompts())
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -493,6 +494,13 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         mem, mm = GKModule.memory(gk, rmask)
         ones = torch.ones(img_tokens.shape[:2], dtype=torch.long, device=img_tokens.device)
         return torch.cat([img_tokens, mem], 1), torch.cat([ones, mm], 1)
+
+    def _decoder_condition(self, gk) -> Optional[torch.Tensor]:
+        """The decoder's condition (``gk.decoder_entity_states``): 2 P(present) - 1 per knowledge entity
+        (B, E) from the GK head, detached; None when the option is off (or without the GK module)."""
+        if self.decoder.cond_proj is None:
+            return None
+        return (2 * GKModule.probabilities(gk["logits"].detach()) - 1).to(gk["z"].dtype)
 
     def _query_center(self, book: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The knowledge book's mean prompt feature (Dt,) subtracted from every GK query before its

@@ -97,7 +97,7 @@ class PretrainLosses:
         enc, enc_mask = self._decoder_memory(img_tokens, gk, rmask)
         dec_ids = ids.clone()
         dec_ids[:, 0] = self.bos_token_id
-        hidden = self.decoder(dec_ids, att, enc, enc_mask)
+        hidden = self.decoder(dec_ids, att, enc, enc_mask, cond=self._decoder_condition(gk))
         targets = ids[:, 1:].masked_fill(att[:, 1:] == 0, -100)
         if self.lm_rows is not None:  # text.lm_vocab: targets become rows of the restricted vocabulary
             targets = torch.where(targets < 0, targets, self.lm_index[targets.clamp(min=0)])
