@@ -604,10 +604,12 @@ def test_decoder_entity_states_condition_the_lm_on_the_gk_head(tmp_path):
     assert model.decoder.cond_proj.weight.grad.abs().sum() > 0
     assert model.gk.cls_head.weight.grad is None  # the condition is detached: LM does not train the head
     model.zero_grad(set_to_none=True)
+    with torch.no_grad():  # the projection starts at 0 (see the next test); give it weights
+        model.decoder.cond_proj.weight.normal_(std=0.5)
 
     cond = {}
     real = model._decoder_condition
-    model._decoder_condition = lambda gk: cond.setdefault("c", real(gk))
+    model._decoder_condition = lambda gk, labels=None: cond.setdefault("c", real(gk))
     with torch.no_grad():
         base = float(model(b)["loss_lm"])
         c = cond["c"]
@@ -633,6 +635,113 @@ def test_decoder_entity_states_condition_the_lm_on_the_gk_head(tmp_path):
     back = GKMVLP.load(path).eval()
     assert back.config.gk.decoder_entity_states
     assert torch.equal(back.generate(img, max_length=10)[0], model.generate(img, max_length=10)[0])
+
+
+
+def test_decoder_condition_starts_at_zero_and_changes_no_other_weight():
+    """The condition's projection starts at 0 and draws nothing from the random generator: with the option
+    on, every other weight and the first LM loss equal those of the model without it."""
+    torch.manual_seed(0)
+    plain = micro()
+    torch.manual_seed(0)
+    cond = micro(gk__decoder_entity_states=True)
+    assert float(cond.decoder.cond_proj.weight.detach().abs().sum()) == 0.0
+    ps = plain.state_dict()
+    for k, v in cond.state_dict().items():
+        if not k.startswith("decoder.cond_proj"):
+            assert torch.equal(v, ps[k]), k
+    b = make_batch(plain, B=4, seed=1)
+    plain.train(), cond.train()
+    with torch.no_grad():
+        torch.testing.assert_close(cond(b)["loss_lm"], plain(b)["loss_lm"])
+
+
+def test_decoder_label_forcing_feeds_the_true_states_in_training_only(tmp_path):
+    """``gk.decoder_label_forcing`` > 0: the condition is a decision per entity (+1 present, -1 not): the GK
+    head's margin above the threshold that as many of the recent training samples pass as were labelled
+    present; in training that fraction of the samples read their true labels, the rest the decisions;
+    evaluation always reads the decisions; the window is saved with the model; a value outside [0, 1]
+    is refused by name."""
+    with pytest.raises(ValueError, match="decoder_label_forcing"):
+        micro(gk__decoder_entity_states=True, gk__decoder_label_forcing=1.5)
+    torch.manual_seed(0)
+    model = micro(gk__decoder_entity_states=True, gk__decoder_label_forcing=1.0)
+    b = make_batch(model, B=8, seed=2)
+    labels = b["entity_labels"].long()
+    true = torch.where(labels == 1, 1.0, -1.0)
+    real = model._decoder_condition
+    gk = _gk_out(model, b)
+    model.eval()
+    assert torch.equal(real(gk), -torch.ones_like(true))  # no training sample seen: nothing present
+    model.train()
+    with torch.no_grad():
+        model(b)  # the batch joins the window (and every sample is forced)
+    assert int(model.state_seen) == 8 and torch.equal(model.state_present[:8], labels == 1)
+    assert torch.equal(real(gk, labels), true)
+    model.eval()
+    head = real(gk)
+    assert torch.equal(real(gk, labels), head)  # evaluation: the decisions, whatever the labels
+    # calibrated on the window (this batch): per entity as many samples pass as were labelled present
+    torch.testing.assert_close((head == 1).sum(0), (labels == 1).sum(0))
+    assert not torch.equal(head, true)  # the untrained head ranks the samples wrongly
+    model.train()
+    model.config.gk.decoder_label_forcing = 0.5
+    differ = [i for i in range(8) if not torch.equal(true[i], head[i])]
+    forced = 0
+    for _ in range(50):
+        mixed = real(gk)  # no labels: no window update, so the decisions stay those above
+        assert torch.equal(mixed, head)
+        mixed = real(gk, labels)
+        assert all(torch.equal(mixed[i], true[i]) or torch.equal(mixed[i], head[i]) for i in range(8))
+        forced += sum(torch.equal(mixed[i], true[i]) for i in differ)
+    assert differ and 0.3 < forced / (50 * len(differ)) < 0.7  # about half the samples forced
+    path = str(tmp_path / "m.safetensors")
+    model.save(path)
+    back = GKMVLP.load(path).eval()
+    assert int(back.state_seen) == int(model.state_seen)
+    torch.testing.assert_close(back.state_margins, model.state_margins)
+
+
+def test_text_max_length_cuts_the_encoder_input_and_not_the_decoder():
+    """``text_max_length``: the report encoder reads the first N word pieces (SEP closing a cut row) in
+    training and in ``encode_text``, while the decoder's LM loss still reads the whole report; padding
+    columns are dropped before the decoder without changing its loss; a bad value is refused by name."""
+    with pytest.raises(ValueError, match="text_max_length"):
+        micro(text_max_length=1)
+    torch.manual_seed(0)
+    cut = micro(text_max_length=8).train()
+    full = micro().train()
+    full.load_state_dict(cut.state_dict())
+    b = make_batch(cut, B=4, seed=3, L=24)
+    ids, att = b["input_ids"], b["attention_mask"]
+    assert int(att.sum(1).min()) > 8  # every report is longer than the cut
+    seen = {}
+    h1 = cut.text_encoder.register_forward_hook(lambda m, a, o: seen.setdefault("enc", a) and None)
+    h2 = cut.decoder.register_forward_hook(lambda m, a, o: seen.setdefault("dec", a) and None)
+    with torch.no_grad():
+        out_cut = cut(b)
+        out_full = full(b)
+    h1.remove(), h2.remove()
+    enc_ids, enc_att = seen["enc"]
+    assert enc_ids.shape == (4, 8) and torch.equal(enc_att, att[:, :8])
+    assert torch.equal(enc_ids[:, :7], ids[:, :7]) and bool((enc_ids[:, 7] == cut.tokenizer.sep_token_id).all())
+    assert seen["dec"][0].shape[1] == int(att.sum(1).max())  # the whole reports, trailing padding dropped
+    torch.testing.assert_close(out_cut["loss_lm"], out_full["loss_lm"])
+    assert abs(float(out_cut["loss_itc"]) - float(out_full["loss_itc"])) > 1e-6
+    torch.testing.assert_close(cut.encode_text(ids, att), full.encode_text(enc_ids, enc_att))
+    padded = dict(b, input_ids=torch.cat([ids, torch.zeros(4, 5, dtype=ids.dtype)], 1),
+                  attention_mask=torch.cat([att, torch.zeros(4, 5, dtype=att.dtype)], 1))
+    with torch.no_grad():
+        torch.testing.assert_close(full(padded)["loss_lm"], out_full["loss_lm"])
+
+
+def _gk_out(model, b):
+    """The GK module's output for batch ``b`` (as the forward pass computes it)."""
+    img = b["image"].to(model.vision_proj.weight.dtype)
+    tokens = model.visual(img)
+    boxes, rmask = model.detector(img, b["region_boxes"].to(img.dtype), b["region_mask"])
+    feats, _ = model.knowledge_book()
+    return model._run_gk(tokens[:, 1:], boxes, rmask, feats, book=feats)
 
 
 def test_lm_vocab_restricts_the_lm_head_and_generation(tmp_path):

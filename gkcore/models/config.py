@@ -103,9 +103,15 @@ class GKConfig:
     decoder_attends_gk: bool = True
     #: condition the report decoder on the GK head's entity probabilities: every decoder input embedding
     #: is offset by a learned projection of (2 p - 1) (B, E), p = P(present) per knowledge entity, detached
-    #: (the LM loss does not train the GK head through it); off by default, on in the demo
-    #: (docs/experiments.md)
+    #: (the LM loss does not train the GK head through it); off by default (docs/experiments.md)
     decoder_entity_states: bool = False
+    #: with ``decoder_entity_states`` and a value > 0, the condition is a decision per entity instead of
+    #: 2 p - 1: +1 present, -1 not, the GK head's margin above a threshold set so that as many recent
+    #: training samples pass it as were labelled present (the GK head's p is P(present | mentioned),
+    #: high for the entities a report leaves unmentioned); in training this fraction of the samples
+    #: read their true labels (teacher forcing), the rest those decisions; evaluation and generation
+    #: always read the decisions
+    decoder_label_forcing: float = 0.0
     #: subtract the knowledge book's mean prompt feature from every query before its projection (prompts
     #: share a large common part); off: no gain in the full demo (docs/experiments.md)
     center_queries: bool = False
@@ -147,6 +153,10 @@ class GKMVLPConfig:
     image_size: int = 224
     channels: int = 1
     max_length: int = 128
+    #: word pieces of a report that the report encoder reads (ITC, ITM, retrieval); 0: ``max_length``.
+    #: The loader and the decoder (LM loss, generation) keep ``max_length``, so a smaller value lets the
+    #: decoder learn whole reports while the encoder's cost stays that of the shorter input
+    text_max_length: int = 0
     embed_dim: int = 256
     dropout: float = 0.1
     #: local tokenizer folder; None = the ``text.pretrained`` folder when it holds a tokenizer, else the

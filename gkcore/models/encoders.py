@@ -22,7 +22,7 @@ from torch import nn
 from .config import TextConfig, VisionConfig
 
 __all__ = ["ConvStem", "ImageEncoder", "BertEmbeddings", "BertBlock", "TextEncoder", "FusionEncoder", "ReportDecoder",
-           "load_bert_state", "text_config_from_pretrained", "init_bert_weights"]
+           "load_bert_state", "text_config_from_pretrained", "init_bert_weights", "ZeroLinear"]
 
 
 # ------------------------------------------------------------------------------------------ vision
@@ -323,7 +323,6 @@ class ReportDecoder(nn.Module):
     def __init__(self, cfg: TextConfig, dropout: float, enc_width: int, embeddings: Optional[BertEmbeddings] = None,
                  cond_dim: int = 0):
         super().__init__()
-        self.cond_proj = nn.Linear(cond_dim, cfg.hidden_size) if cond_dim > 0 else None
         self.shared_embeddings = embeddings is not None
         if embeddings is None:
             self.embeddings = BertEmbeddings(cfg, dropout)
@@ -333,6 +332,8 @@ class ReportDecoder(nn.Module):
                                    for _ in range(cfg.decoder_layers))
         d = cfg.hidden_size
         self.transform = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d, eps=cfg.layer_norm_eps))
+        # zero at start, no random draw: the decoder starts as the one without a condition
+        self.cond_proj = ZeroLinear(cond_dim, d) if cond_dim > 0 else None
 
     @property
     def embed(self) -> BertEmbeddings:
@@ -355,10 +356,24 @@ class ReportDecoder(nn.Module):
         return self.transform(x)
 
 
+class ZeroLinear(nn.Linear):
+    """A Linear layer whose weight and bias start at 0 without drawing from the random generator: a new
+    input path joins a model without changing its output at initialisation or the random draws of the
+    layers built after it (:func:`init_bert_weights` leaves it at 0 too)."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
 def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
     """BERT's initialisation (``initializer_range`` 0.02): Linear and Embedding weights N(0, std), biases
-    and the padding row 0, LayerNorm (1, 0). Keeps tied LM-head logits small for random text towers."""
+    and the padding row 0, LayerNorm (1, 0). Keeps tied LM-head logits small for random text towers.
+    A :class:`ZeroLinear` stays at 0."""
     for m in module.modules():
+        if isinstance(m, ZeroLinear):
+            continue
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)
             if m.bias is not None:

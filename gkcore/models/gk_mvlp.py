@@ -151,6 +151,8 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         self.text_encoder = TextEncoder(tc, p)
         self.fusion_encoder = FusionEncoder(tc, p, Dv)
         self._prompts = list(K.entity_prompts())
+        if not 0.0 <= float(gc.decoder_label_forcing) <= 1.0:
+            raise ValueError(f"gk.decoder_label_forcing must be in [0, 1], got {gc.decoder_label_forcing!r}")
         self.decoder = ReportDecoder(tc, p, Dv, embeddings=self.text_encoder.embeddings if tc.share_decoder_embeddings else None,
                                      cond_dim=len(self._prompts) if gc.enabled and gc.decoder_entity_states else 0)
         for tower in (self.text_encoder, self.fusion_encoder, self.decoder):
@@ -199,6 +201,16 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         for m in self.momentum_modules():
             m.requires_grad_(False)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._state_window = 0
+        if self.decoder.cond_proj is not None and gc.decoder_label_forcing > 0:
+            # the decoder's entity states (see _entity_states): the GK head's margins and the present
+            # labels of the last STATE_WINDOW training samples
+            E, self._state_window = len(self._prompts), STATE_WINDOW
+            self.register_buffer("state_margins", torch.zeros(STATE_WINDOW, E))
+            self.register_buffer("state_present", torch.zeros(STATE_WINDOW, E, dtype=torch.bool))
+            self.register_buffer("state_seen", torch.zeros((), dtype=torch.long))
+        if config.text_max_length < 0 or config.text_max_length == 1:
+            raise ValueError(f"text_max_length must be 0 (max_length) or >= 2, got {config.text_max_length!r}")
         self._book = None  # (key, ids of the knowledge towers' parameters, prompt_feats, prompt_emb)
         self._prompt_cache: Dict = {}  # text-prompt embeddings of the inference API (prompt_embeddings)
         self.register_load_state_dict_post_hook(_drop_book_after_load)
@@ -442,7 +454,9 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         with torch.no_grad():
             self.ecls_temp.clamp_(0.001, 0.5)
 
-        # ---- unimodal features
+        # ---- unimodal features (the decoder reads the whole report, the encoder its first text_max_length)
+        dec_ids, dec_att = _trim_padding(ids, att)
+        ids, att = self._encoder_text(ids, att)
         img_tokens, img_feat = self._image(images)
         txt_hidden = self.text_encoder(ids, att)
         txt_feat = F.normalize(self.text_proj(self.pool_text(txt_hidden, att)), dim=-1)
@@ -477,7 +491,7 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
             gk, loss_ecls, loss_gk = None, torch.zeros((), device=dev, dtype=dt), torch.zeros((), device=dev, dtype=dt)
 
         # ---- LM
-        loss_lm = self._lm_loss(img_tokens, gk, rmask, ids, att)
+        loss_lm = self._lm_loss(img_tokens, gk, rmask, dec_ids, dec_att, labels)
 
         loss = (lc.w_itc * loss_itc + lc.w_itm * loss_itm + lc.w_lm * loss_lm + lc.w_ecls * loss_ecls
                 + lc.w_gk * loss_gk)
@@ -495,12 +509,61 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         ones = torch.ones(img_tokens.shape[:2], dtype=torch.long, device=img_tokens.device)
         return torch.cat([img_tokens, mem], 1), torch.cat([ones, mm], 1)
 
-    def _decoder_condition(self, gk) -> Optional[torch.Tensor]:
+    def _decoder_condition(self, gk, labels: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The decoder's condition (``gk.decoder_entity_states``): 2 P(present) - 1 per knowledge entity
-        (B, E) from the GK head, detached; None when the option is off (or without the GK module)."""
+        (B, E) from the GK head, detached; None when the option is off (or without the GK module). With
+        ``gk.decoder_label_forcing`` > 0, decisions instead: +1 where :meth:`_entity_states` says
+        present, else -1; and in training, with ``labels`` (B, E), that fraction of the samples take
+        their true states: +1 where the label is 1 (present), -1 elsewhere."""
         if self.decoder.cond_proj is None:
             return None
-        return (2 * GKModule.probabilities(gk["logits"].detach()) - 1).to(gk["z"].dtype)
+        dt = gk["z"].dtype
+        if not self._state_window:
+            return (2 * GKModule.probabilities(gk["logits"].detach()) - 1).to(dt)
+        cond = torch.where(self._entity_states(gk["logits"].detach(), labels), 1.0, -1.0).to(dt)
+        forcing = float(self.config.gk.decoder_label_forcing)
+        if labels is None or not self.training:
+            return cond
+        true = torch.where(labels == 1, 1.0, -1.0).to(dt)
+        if forcing >= 1.0:
+            return true
+        pick = torch.rand(cond.shape[0], device=cond.device) < forcing
+        return torch.where(pick[:, None], true, cond)
+
+    def _entity_states(self, logits: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Present / not decisions (B, E) bool from the GK head's logits (B, E, 2), calibrated by prevalence:
+        an entity is present where its margin (logit present - logit absent) is above the margin that as
+        many of the last training samples exceed as were labelled present (a label of -1 counts as not
+        present). The GK head's own p = P(present | mentioned) cannot be thresholded: reports leave most
+        absent entities unmentioned, and its p on those is high. In training, with ``labels`` (B, E), the
+        batch first joins the window of the last ``STATE_WINDOW`` samples."""
+        margin = (logits[..., 1] - logits[..., 0]).float()
+        if labels is not None and self.training:
+            n = self.state_margins.shape[0]
+            new, present = margin[-n:], (labels == 1)[-n:]
+            rows = (int(self.state_seen) + torch.arange(new.shape[0], device=margin.device)) % n
+            self.state_margins[rows] = new
+            self.state_present[rows] = present
+            self.state_seen += new.shape[0]
+        n = min(int(self.state_seen), self.state_margins.shape[0])
+        if n == 0:
+            return torch.zeros_like(margin, dtype=torch.bool)
+        ranked = self.state_margins[:n].sort(0, descending=True).values  # (n, E)
+        k = self.state_present[:n].sum(0)  # present samples per entity in the window
+        tau = ranked.gather(0, k.clamp(max=n - 1)[None]).squeeze(0)
+        tau = torch.where(k >= n, torch.full_like(tau, float("-inf")), tau)
+        return margin > tau
+
+    def _encoder_text(self, ids: torch.Tensor, att: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The part of the reports (B, L) that the report encoder reads: the first ``text_max_length`` word
+        pieces (0: all), with SEP as the last of a row that was cut."""
+        n = self.config.text_max_length
+        if not n or ids.shape[1] <= n:
+            return ids, att
+        ids, att = ids[:, :n].clone(), att[:, :n]
+        cut = att[:, -1] > 0
+        ids[cut, -1] = self.tokenizer.sep_token_id
+        return ids, att
 
     def _query_center(self, book: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The knowledge book's mean prompt feature (Dt,) subtracted from every GK query before its
@@ -518,6 +581,16 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
             raise RuntimeError("this model has no GK module (gk.enabled=False)")
         return self.gk(patches, self.visual.grid_size, boxes, rmask, queries, with_regions=with_regions,
                        prompt_center=self._query_center(book))
+
+
+#: training samples whose GK margins and labels calibrate the decoder's entity states (``_entity_states``)
+STATE_WINDOW = 1024
+
+
+def _trim_padding(ids: torch.Tensor, att: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``ids``, ``att`` (B, L) without the trailing columns that are padding in every row."""
+    n = int(att.sum(1).max()) if att.numel() else 0
+    return (ids[:, :n], att[:, :n]) if 0 < n < ids.shape[1] else (ids, att)
 
 
 def _load_tokenizer(path=None):

@@ -66,8 +66,8 @@ class InferenceAPI:
             input_ids, attention_mask = self._tokenize(input_ids, dev)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        h = self.text_encoder(input_ids.to(dev).long(), attention_mask.to(dev).long())
-        return F.normalize(self.text_proj(self.pool_text(h, attention_mask.to(dev).long())), dim=-1)
+        ids, att = self._encoder_text(input_ids.to(dev).long(), attention_mask.to(dev).long())
+        return F.normalize(self.text_proj(self.pool_text(self.text_encoder(ids, att), att)), dim=-1)
 
     def _query_feats(self, entities: Optional[Sequence[str]]):
         feats, _ = self.knowledge_book()

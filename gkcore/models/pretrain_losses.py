@@ -6,7 +6,7 @@ docstring of :mod:`gkcore.models.gk_mvlp` defines each loss.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -92,12 +92,13 @@ class PretrainLosses:
         return ((ce * known.flatten()).sum() / known.sum().clamp(min=1)).to(self.vision_proj.weight.dtype)
 
     def _lm_loss(self, img_tokens: torch.Tensor, gk: Dict[str, torch.Tensor], rmask: torch.Tensor,
-                 ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
-        """Next-token CE of the report decoder (BOS in place of CLS, padding ignored)."""
+                 ids: torch.Tensor, att: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Next-token CE of the report decoder (BOS in place of CLS, padding ignored); ``labels``: the
+        entity labels, for ``gk.decoder_label_forcing``."""
         enc, enc_mask = self._decoder_memory(img_tokens, gk, rmask)
         dec_ids = ids.clone()
         dec_ids[:, 0] = self.bos_token_id
-        hidden = self.decoder(dec_ids, att, enc, enc_mask, cond=self._decoder_condition(gk))
+        hidden = self.decoder(dec_ids, att, enc, enc_mask, cond=self._decoder_condition(gk, labels))
         targets = ids[:, 1:].masked_fill(att[:, 1:] == 0, -100)
         if self.lm_rows is not None:  # text.lm_vocab: targets become rows of the restricted vocabulary
             targets = torch.where(targets < 0, targets, self.lm_index[targets.clamp(min=0)])
