@@ -316,8 +316,9 @@ class ReportDecoder(nn.Module):
     ``forward(input_ids (B, L), attention_mask (B, L), enc (B, S, Dv), cache=None, cond=None) -> hidden (B, L, Dt)``
     after BERT's prediction-head transform (dense, GELU, LayerNorm); the vocabulary projection and the
     loss live in the LM head (``gkcore.nn.LinearCrossEntropy``), which never materialises the logits
-    during training. With ``cond_dim`` > 0, ``cond`` (B, cond_dim) is projected (``cond_proj``, Linear to
-    Dt) and added to the input embedding of every position (GK-MVLP passes the GK head's entity states).
+    during training. With ``cond_dim`` > 0, ``cond`` (B, cond_dim) is projected (``cond_proj``, a Linear to
+    Dt that starts at 0) and added to the input embedding of every position (GK-MVLP passes the GK head's
+    entity states).
     """
 
     def __init__(self, cfg: TextConfig, dropout: float, enc_width: int, embeddings: Optional[BertEmbeddings] = None,
