@@ -705,7 +705,7 @@ def test_decoder_label_forcing_feeds_the_true_states_in_training_only(tmp_path):
 def test_text_max_length_cuts_the_encoder_input_and_not_the_decoder():
     """``text_max_length``: the report encoder reads the first N word pieces (SEP closing a cut row) in
     training and in ``encode_text``, while the decoder's LM loss still reads the whole report; padding
-    columns are dropped before the decoder without changing its loss; a bad value is refused by name."""
+    columns do not change the decoder's loss; a bad value is refused by name."""
     with pytest.raises(ValueError, match="text_max_length"):
         micro(text_max_length=1)
     torch.manual_seed(0)
@@ -725,7 +725,7 @@ def test_text_max_length_cuts_the_encoder_input_and_not_the_decoder():
     enc_ids, enc_att = seen["enc"]
     assert enc_ids.shape == (4, 8) and torch.equal(enc_att, att[:, :8])
     assert torch.equal(enc_ids[:, :7], ids[:, :7]) and bool((enc_ids[:, 7] == cut.tokenizer.sep_token_id).all())
-    assert seen["dec"][0].shape[1] == int(att.sum(1).max())  # the whole reports, trailing padding dropped
+    assert torch.equal(seen["dec"][1], att)  # the decoder reads the whole reports
     torch.testing.assert_close(out_cut["loss_lm"], out_full["loss_lm"])
     assert abs(float(out_cut["loss_itc"]) - float(out_full["loss_itc"])) > 1e-6
     torch.testing.assert_close(cut.encode_text(ids, att), full.encode_text(enc_ids, enc_att))

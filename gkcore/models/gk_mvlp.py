@@ -153,6 +153,8 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         self._prompts = list(K.entity_prompts())
         if not 0.0 <= float(gc.decoder_label_forcing) <= 1.0:
             raise ValueError(f"gk.decoder_label_forcing must be in [0, 1], got {gc.decoder_label_forcing!r}")
+        if config.text_max_length < 0 or config.text_max_length == 1:
+            raise ValueError(f"text_max_length must be 0 (max_length) or >= 2, got {config.text_max_length!r}")
         self.decoder = ReportDecoder(tc, p, Dv, embeddings=self.text_encoder.embeddings if tc.share_decoder_embeddings else None,
                                      cond_dim=len(self._prompts) if gc.enabled and gc.decoder_entity_states else 0)
         for tower in (self.text_encoder, self.fusion_encoder, self.decoder):
@@ -209,8 +211,6 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
             self.register_buffer("state_margins", torch.zeros(STATE_WINDOW, E))
             self.register_buffer("state_present", torch.zeros(STATE_WINDOW, E, dtype=torch.bool))
             self.register_buffer("state_seen", torch.zeros((), dtype=torch.long))
-        if config.text_max_length < 0 or config.text_max_length == 1:
-            raise ValueError(f"text_max_length must be 0 (max_length) or >= 2, got {config.text_max_length!r}")
         self._book = None  # (key, ids of the knowledge towers' parameters, prompt_feats, prompt_emb)
         self._prompt_cache: Dict = {}  # text-prompt embeddings of the inference API (prompt_embeddings)
         self.register_load_state_dict_post_hook(_drop_book_after_load)
@@ -455,7 +455,7 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
             self.ecls_temp.clamp_(0.001, 0.5)
 
         # ---- unimodal features (the decoder reads the whole report, the encoder its first text_max_length)
-        dec_ids, dec_att = _trim_padding(ids, att)
+        dec_ids, dec_att = ids, att
         ids, att = self._encoder_text(ids, att)
         img_tokens, img_feat = self._image(images)
         txt_hidden = self.text_encoder(ids, att)
@@ -517,34 +517,39 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         their true states: +1 where the label is 1 (present), -1 elsewhere."""
         if self.decoder.cond_proj is None:
             return None
-        dt = gk["z"].dtype
+        dt, logits = gk["z"].dtype, gk["logits"].detach()
         if not self._state_window:
-            return (2 * GKModule.probabilities(gk["logits"].detach()) - 1).to(dt)
-        cond = torch.where(self._entity_states(gk["logits"].detach(), labels), 1.0, -1.0).to(dt)
-        forcing = float(self.config.gk.decoder_label_forcing)
-        if labels is None or not self.training:
+            return (2 * GKModule.probabilities(logits) - 1).to(dt)
+        margin = (logits[..., 1] - logits[..., 0]).float()
+        train = labels is not None and self.training
+        if train:
+            self._remember_states(margin, labels)
+            true = torch.where(labels == 1, 1.0, -1.0).to(dt)
+            forcing = float(self.config.gk.decoder_label_forcing)
+            if forcing >= 1.0:  # every sample forced: no decision needed
+                return true
+        cond = torch.where(self._entity_states(margin), 1.0, -1.0).to(dt)
+        if not train:
             return cond
-        true = torch.where(labels == 1, 1.0, -1.0).to(dt)
-        if forcing >= 1.0:
-            return true
         pick = torch.rand(cond.shape[0], device=cond.device) < forcing
         return torch.where(pick[:, None], true, cond)
 
-    def _entity_states(self, logits: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Present / not decisions (B, E) bool from the GK head's logits (B, E, 2), calibrated by prevalence:
-        an entity is present where its margin (logit present - logit absent) is above the margin that as
-        many of the last training samples exceed as were labelled present (a label of -1 counts as not
-        present). The GK head's own p = P(present | mentioned) cannot be thresholded: reports leave most
-        absent entities unmentioned, and its p on those is high. In training, with ``labels`` (B, E), the
-        batch first joins the window of the last ``STATE_WINDOW`` samples."""
-        margin = (logits[..., 1] - logits[..., 0]).float()
-        if labels is not None and self.training:
-            n = self.state_margins.shape[0]
-            new, present = margin[-n:], (labels == 1)[-n:]
-            rows = (int(self.state_seen) + torch.arange(new.shape[0], device=margin.device)) % n
-            self.state_margins[rows] = new
-            self.state_present[rows] = present
-            self.state_seen += new.shape[0]
+    def _remember_states(self, margin: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write the batch's GK margins (B, E) and present labels into the window of the last
+        ``STATE_WINDOW`` training samples (a ring; no host synchronisation)."""
+        n = self.state_margins.shape[0]
+        new, present = margin[-n:], (labels == 1)[-n:]
+        rows = (self.state_seen + torch.arange(new.shape[0], device=margin.device)) % n
+        self.state_margins[rows] = new
+        self.state_present[rows] = present
+        self.state_seen += new.shape[0]
+
+    def _entity_states(self, margin: torch.Tensor) -> torch.Tensor:
+        """Present / not decisions (B, E) bool from the GK head's margins (B, E) (logit present - logit
+        absent), calibrated by prevalence: an entity is present where its margin is above the margin that
+        as many of the window's training samples exceed as were labelled present (a label of -1 counts
+        as not present). The GK head's own p = P(present | mentioned) cannot be thresholded: reports
+        leave most absent entities unmentioned, and its p on those is high."""
         n = min(int(self.state_seen), self.state_margins.shape[0])
         if n == 0:
             return torch.zeros_like(margin, dtype=torch.bool)
@@ -585,12 +590,6 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
 
 #: training samples whose GK margins and labels calibrate the decoder's entity states (``_entity_states``)
 STATE_WINDOW = 1024
-
-
-def _trim_padding(ids: torch.Tensor, att: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``ids``, ``att`` (B, L) without the trailing columns that are padding in every row."""
-    n = int(att.sum(1).max()) if att.numel() else 0
-    return (ids[:, :n], att[:, :n]) if 0 < n < ids.shape[1] else (ids, att)
 
 
 def _load_tokenizer(path=None):
