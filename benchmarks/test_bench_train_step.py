@@ -29,6 +29,24 @@ def _model(provider):
     return create_model("gk_mvlp_tiny", backend=backend, max_length=L, **DEMO_OVERRIDES).to(DEV)
 
 
+def _training_step(provider):
+    """The model in training mode and ``step()``: AdamW applies the previous call's gradients, then the forward
+    pass returns the loss (so a timed call with its backward is one whole training step)."""
+    from gpu_check_stages import synthetic_batch
+
+    model = _model(provider)
+    model.train()
+    batch = synthetic_batch(model, B, L, 0, DEV)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.02)
+
+    def step(_inputs=None):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return model(batch)["loss"]
+
+    return model, step
+
+
 def _profile(step, n_ops: int = 12):
     from torch.profiler import ProfilerActivity, profile
 
@@ -43,18 +61,7 @@ def _profile(step, n_ops: int = 12):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_train_step_gk_mvlp_tiny(benchmark, provider):
-    from gpu_check_stages import synthetic_batch
-
-    model = _model(provider)
-    model.train()
-    batch = synthetic_batch(model, B, L, 0, DEV)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.02)
-
-    def step(_inputs=None):
-        # the previous call's gradients are applied first, so a timed call is one whole training step
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return model(batch)["loss"]
+    model, step = _training_step(provider)
 
     def full_step():
         step().backward()
@@ -66,3 +73,4 @@ def test_train_step_gk_mvlp_tiny(benchmark, provider):
     bench_case(benchmark, op="train_step", provider=provider, mode="full",
                shape=dict(preset="gk_mvlp_tiny", B=B, L=L, image_size=model.config.image_size),
                make_inputs=lambda: {}, fn=step, device=DEV, rounds=3 if QUICK else 5)
+
