@@ -74,3 +74,38 @@ def test_train_step_gk_mvlp_tiny(benchmark, provider):
                shape=dict(preset="gk_mvlp_tiny", B=B, L=L, image_size=model.config.image_size),
                make_inputs=lambda: {}, fn=step, device=DEV, rounds=3 if QUICK else 5)
 
+
+#: the host allocator on the CPU: "glibc" = glibc's default thresholds where a training loop takes them (the
+#: mmap threshold rises as mapped blocks are freed, to at most 32 MiB, the trim threshold to twice that: a
+#: larger block is mapped on every allocation and returned on free); "kept" =
+#: gkcore.engine.host_memory.keep_freed_memory() (what the demo and ``gkcore pretrain`` set on the CPU). The
+#: setting is process-wide, so each case sets it and the "glibc" values are set back afterwards (glibc's
+#: own dynamic raise stays off from then on).
+ALLOCATORS = ["glibc", "kept"]
+_GLIBC_MMAP, _GLIBC_TRIM = 32 << 20, 64 << 20
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+def test_train_step_host_allocator(benchmark, allocator):
+    import resource
+
+    from gkcore.engine.host_memory import KEEP_BYTES, malloc_thresholds
+
+    if DEV.type != "cpu":
+        pytest.skip("the host allocator setting is for CPU training")
+    if not (malloc_thresholds(KEEP_BYTES, KEEP_BYTES) if allocator == "kept" else malloc_thresholds(_GLIBC_MMAP, _GLIBC_TRIM)):
+        pytest.skip("not glibc: the setting does nothing here")
+    try:
+        model, step = _training_step("auto")
+        for _ in range(2):  # the heap settles
+            step().backward()
+        f0 = resource.getrusage(resource.RUSAGE_SELF)
+        step().backward()
+        f1 = resource.getrusage(resource.RUSAGE_SELF)
+        benchmark.extra_info["page_faults_per_step"] = f1.ru_minflt - f0.ru_minflt
+        benchmark.extra_info["system_s_per_step"] = round(f1.ru_stime - f0.ru_stime, 4)
+        bench_case(benchmark, op="train_step", provider=f"auto/{allocator}", mode="full",
+                   shape=dict(preset="gk_mvlp_tiny", B=B, L=L, image_size=model.config.image_size),
+                   make_inputs=lambda: {}, fn=step, device=DEV, rounds=3 if QUICK else 5)
+    finally:
+        malloc_thresholds(_GLIBC_MMAP, _GLIBC_TRIM)

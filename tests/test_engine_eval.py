@@ -207,6 +207,9 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     vocab = report_token_ids([ds.records[i]["report"] for i in train_idx])
     assert r["settings"]["overrides"]["text.lm_vocab"] == vocab
     assert f"'text.lm_vocab': '<{len(vocab)} values>'" in text  # the log shows the list's length
+    from gkcore.engine.host_memory import keep_freed_memory
+
+    assert r["settings"]["host_allocator"] == keep_freed_memory()  # what the CPU demo set (the call repeats it)
     for part in ("before", "after", "ablation"):
         assert 0.0 <= r[part]["zero_shot_auroc"] <= 1.0, part
         assert 0.0 <= r[part]["bleu4"] <= 1.0 and r[part]["cider"] >= 0.0, part

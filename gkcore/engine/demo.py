@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import evaluate as EV
+from .host_memory import keep_freed_memory
 from .trainer import TrainConfig, Trainer, seed_everything
 
 __all__ = ["run_demo", "DEFAULTS", "DEMO_OVERRIDES", "PROBE_FRACTIONS", "loss_trend", "json_safe"]
@@ -249,6 +250,8 @@ def run_demo(out: str = "gkcore-demo", *, n: int = DEFAULTS["n"], size: int = DE
         raise ValueError(f"probe_fractions must lie in (0, 1], got {list(probe_fractions)}")
     fractions = tuple(float(f) for f in probe_fractions)
     stages = 5 if ablation else 4
+    # a CPU step re-faults its large blocks unless freed memory stays in the heap (host_memory)
+    allocator = keep_freed_memory() if str(device).startswith("cpu") else None
     t0 = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     data_dir = os.path.join(out, "synthcxr")
@@ -363,7 +366,7 @@ def run_demo(out: str = "gkcore-demo", *, n: int = DEFAULTS["n"], size: int = DE
                   "seconds": t_train, "loss_trend": trend, "rising": rising},
         "settings": {"n": n, "size": size, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                      "overrides": overrides, "probe_fractions": list(fractions), "gen_images": gen_images,
-                     "device": device, "threads": torch.get_num_threads()},
+                     "device": device, "threads": torch.get_num_threads(), "host_allocator": allocator},
         "seconds_total": time.perf_counter() - t0,
     }
     if abl is not None:
