@@ -21,17 +21,19 @@ class MallInfo2(ctypes.Structure):
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
 
-def probe():
-    # bytes newly mapped while a 64 MiB tensor is alive, and the heap's free bytes once it is freed
+def probe(mib):
+    # bytes newly mapped while a tensor of mib MiB is alive, and the heap's free bytes once it is freed
     base = libc.mallinfo2().hblkhd
-    t = torch.ones(16 << 20)
+    t = torch.ones(mib << 18)
     mapped = libc.mallinfo2().hblkhd - base
     del t
     return mapped, libc.mallinfo2().fordblks
 
-before = probe()
+# 24 MiB, then 28 MiB: glibc raises its own mmap threshold to a freed mapping's size, so the second
+# block must be larger to be mapped without the setting; both are under glibc < 2.35's 32 MiB cap
+before = probe(24)
 what = keep_freed_memory()
-after = probe()
+after = probe(28)
 print(json.dumps({"before": before, "after": after, "what": what}))
 """
 
@@ -64,24 +66,29 @@ def test_freed_blocks_stay_in_the_heap():
     r = _run({ENV_OFF: "1"})
     (mapped0, free0), (mapped1, free1) = r["before"], r["after"]
     assert r["what"] and "glibc" in r["what"]
-    assert mapped0 >= 64 << 20  # by default a 64 MiB block is a mapping of its own, returned on free
-    assert free0 < 64 << 20
+    assert mapped0 >= 24 << 20  # by default the first such block is a mapping of its own, returned on free
+    assert free0 < 24 << 20
     assert mapped1 < 1 << 20  # afterwards it comes from the heap
-    assert free1 >= 64 << 20  # and stays there, free for the next allocation
+    assert free1 >= 28 << 20  # and stays there, free for the next allocation
 
 
 @needs_glibc
 def test_the_environment_variable_leaves_the_allocator_alone():
     r = _run({ENV_OFF: "0"})
     assert r["what"] is None
-    assert r["after"][0] >= 64 << 20
+    assert r["after"][0] >= 28 << 20
 
 
 def test_a_bad_limit_is_refused_naming_it():
-    for bad in (0, -5, 1.5, True, "1g", 2**31):
+    for bad in (0, -5, 2**31):
         with pytest.raises(ValueError, match="limit"):
+            keep_freed_memory(bad)
+    for bad in (1.5, True, "1g"):
+        with pytest.raises(TypeError, match="limit"):
             keep_freed_memory(bad)
     with pytest.raises(ValueError, match="mmap_threshold"):
         malloc_thresholds(-1, 0)
     with pytest.raises(ValueError, match="trim_threshold"):
         malloc_thresholds(0, 2**40)
+    with pytest.raises(TypeError, match="trim_threshold"):
+        malloc_thresholds(0, None)
