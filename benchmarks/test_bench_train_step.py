@@ -79,10 +79,20 @@ def test_train_step_gk_mvlp_tiny(benchmark, provider):
 #: mmap threshold rises as mapped blocks are freed, to at most 32 MiB, the trim threshold to twice that: a
 #: larger block is mapped on every allocation and returned on free); "kept" =
 #: gkcore.engine.host_memory.keep_freed_memory() (what the demo and ``gkcore pretrain`` set on the CPU). The
-#: setting is process-wide, so each case sets it and the "glibc" values are set back afterwards (glibc's
-#: own dynamic raise stays off from then on).
+#: setting is process-wide, so each case sets it and then restores what the process ran with before:
+#: ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` where set (``gkcore bench`` sets the first so that
+#: peak-memory readings are faithful), else the "glibc" values (glibc's own dynamic raise stays off).
 ALLOCATORS = ["glibc", "kept"]
 _GLIBC_MMAP, _GLIBC_TRIM = 32 << 20, 64 << 20
+
+
+def _restore_thresholds():
+    import os
+
+    from gkcore.engine.host_memory import malloc_thresholds
+
+    mmap = int(os.environ.get("MALLOC_MMAP_THRESHOLD_", _GLIBC_MMAP))
+    malloc_thresholds(mmap, int(os.environ.get("MALLOC_TRIM_THRESHOLD_", 2 * mmap)))
 
 
 @pytest.mark.parametrize("allocator", ALLOCATORS)
@@ -108,4 +118,4 @@ def test_train_step_host_allocator(benchmark, allocator):
                    shape=dict(preset="gk_mvlp_tiny", B=B, L=L, image_size=model.config.image_size),
                    make_inputs=lambda: {}, fn=step, device=DEV, rounds=3 if QUICK else 5)
     finally:
-        malloc_thresholds(_GLIBC_MMAP, _GLIBC_TRIM)
+        _restore_thresholds()
