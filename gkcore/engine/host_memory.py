@@ -17,6 +17,7 @@ that size in any version.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from typing import Optional
@@ -40,7 +41,7 @@ def keep_freed_memory(limit: int = KEEP_BYTES) -> Optional[str]:
     _check_bytes("limit", limit, low=1)
     if os.environ.get(ENV_OFF, "1").strip() == "0":
         return None
-    for mmap_threshold in (limit, min(limit, _OLD_GLIBC_CAP)):
+    for mmap_threshold in dict.fromkeys((limit, min(limit, _OLD_GLIBC_CAP))):  # the cap only if it differs
         if malloc_thresholds(mmap_threshold, limit):
             return (f"glibc keeps freed blocks up to {mmap_threshold >> 20} MiB in the heap (mallopt mmap "
                     f"threshold {mmap_threshold >> 20} MiB, trim threshold {limit >> 20} MiB)")
@@ -68,6 +69,7 @@ def _check_bytes(name: str, v, low: int = 0) -> None:
         raise ValueError(f"{name} must be in [{low}, 2**31 - 1] (bytes), got {v}")
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc():
     try:
         libc = ctypes.CDLL(None)  # the process's own symbols: the C library it runs on
