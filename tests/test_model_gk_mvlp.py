@@ -587,6 +587,33 @@ def test_zero_weight_skips_itm_and_ecls():
     assert all(p.grad is None for p in cut.itm_head.parameters())
 
 
+def test_unmentioned_as_absent_counts_the_unmentioned_entities_in_the_gk_loss():
+    """``loss.unmentioned_as_absent``: the GK entity loss is the cross-entropy over every (sample, entity)
+    pair with an unmentioned entity (-1) as absent; by default only the mentioned pairs count; the other
+    losses do not change."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    skip = micro()
+    torch.manual_seed(0)
+    absent = micro(loss__unmentioned_as_absent=True)
+    b = make_batch(skip, B=4, seed=5)
+    labels = b["entity_labels"].long()
+    assert (labels == -1).any() and (labels >= 0).any()
+    skip.train(), absent.train()
+    gk = _gk_out(skip, b)
+    logits = gk["logits"].float().flatten(0, 1)
+    ce = F.cross_entropy(logits, labels.clamp(min=0).flatten(), reduction="none")
+    known = (labels >= 0).flatten().float()
+    with torch.no_grad():
+        torch.testing.assert_close(skip._gk_loss(gk["logits"], labels), (ce * known).sum() / known.sum())
+        torch.testing.assert_close(absent._gk_loss(gk["logits"], labels), ce.mean())
+        a, o = skip(b), absent(b)
+    assert abs(float(a["loss_gk"]) - float(o["loss_gk"])) > 1e-4
+    for k in ("loss_itc", "loss_lm"):
+        torch.testing.assert_close(o[k], a[k])
+
+
 def test_decoder_entity_states_condition_the_lm_on_the_gk_head(tmp_path):
     """``gk.decoder_entity_states``: the decoder reads 2 P(present) - 1 of every knowledge entity through
     ``decoder.cond_proj``; the LM loss changes with that condition, trains the projection and never the GK
@@ -604,7 +631,7 @@ def test_decoder_entity_states_condition_the_lm_on_the_gk_head(tmp_path):
     assert model.decoder.cond_proj.weight.grad.abs().sum() > 0
     assert model.gk.cls_head.weight.grad is None  # the condition is detached: LM does not train the head
     model.zero_grad(set_to_none=True)
-    with torch.no_grad():  # the projection starts at 0 (see the next test); give it weights
+    with torch.no_grad():  # other weights than the start (see the next tests)
         model.decoder.cond_proj.weight.normal_(std=0.5)
 
     cond = {}
@@ -639,12 +666,13 @@ def test_decoder_entity_states_condition_the_lm_on_the_gk_head(tmp_path):
 
 
 def test_decoder_condition_starts_at_zero_and_changes_no_other_weight():
-    """The condition's projection starts at 0 and draws nothing from the random generator: with the option
-    on, every other weight and the first LM loss equal those of the model without it."""
+    """With ``gk.decoder_state_init = "zero"`` the condition's projection starts at 0 and draws nothing from
+    the random generator: with the option on, every other weight and the first LM loss equal those of the
+    model without it."""
     torch.manual_seed(0)
     plain = micro()
     torch.manual_seed(0)
-    cond = micro(gk__decoder_entity_states=True)
+    cond = micro(gk__decoder_entity_states=True, gk__decoder_state_init="zero")
     assert float(cond.decoder.cond_proj.weight.detach().abs().sum()) == 0.0
     ps = plain.state_dict()
     for k, v in cond.state_dict().items():
@@ -654,6 +682,41 @@ def test_decoder_condition_starts_at_zero_and_changes_no_other_weight():
     plain.train(), cond.train()
     with torch.no_grad():
         torch.testing.assert_close(cond(b)["loss_lm"], plain(b)["loss_lm"])
+
+
+def test_decoder_condition_starts_as_the_present_entities_names():
+    """The default ``gk.decoder_state_init = "names"``: a state vector (+1 present, -1 not) adds the sum of
+    the present entities' name embeddings (the mean word embedding of the name's word pieces, scaled to
+    the mean word-embedding norm) to every decoder input, all -1 adds nothing; no random draw (every
+    other weight equals the zero-start model's); an unknown value is refused by name."""
+    from gkcore.data import ENTITY_NAMES
+
+    with pytest.raises(ValueError, match="decoder_state_init"):
+        micro(gk__decoder_entity_states=True, gk__decoder_state_init="random")
+    torch.manual_seed(0)
+    zero = micro(gk__decoder_entity_states=True, gk__decoder_state_init="zero")
+    torch.manual_seed(0)
+    names = micro(gk__decoder_entity_states=True)
+    assert names.config.gk.decoder_state_init == "names"
+    zs = zero.state_dict()
+    for k, v in names.state_dict().items():
+        if not k.startswith("decoder.cond_proj"):
+            assert torch.equal(v, zs[k]), k
+    emb = names.decoder.embed.word_embeddings.weight.detach()
+    E = len(ENTITY_NAMES)
+    i = ENTITY_NAMES.index("cardiomegaly")
+    j = ENTITY_NAMES.index("pleural effusion")
+    ids_i = names.tokenizer("cardiomegaly", add_special_tokens=False)["input_ids"]
+    ids_j = names.tokenizer("pleural effusion", add_special_tokens=False)["input_ids"]
+    scale = emb.norm(dim=1).mean()
+    vi, vj = emb[ids_i].mean(0), emb[ids_j].mean(0)
+    vi, vj = vi / vi.norm() * scale, vj / vj.norm() * scale
+    s = -torch.ones(2, E)
+    s[1, i] = s[1, j] = 1.0
+    with torch.no_grad():
+        out = names.decoder.cond_proj(s)
+    torch.testing.assert_close(out[0], torch.zeros_like(out[0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], vi + vj, atol=1e-5, rtol=1e-5)
 
 
 def test_decoder_label_forcing_feeds_the_true_states_in_training_only(tmp_path):

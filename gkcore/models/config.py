@@ -112,6 +112,12 @@ class GKConfig:
     #: read their true labels (teacher forcing), the rest those decisions; evaluation and generation
     #: always read the decisions
     decoder_label_forcing: float = 0.0
+    #: how the decoder's condition projection starts: "names" (no random draw) makes the condition of a
+    #: present entity the mean word embedding of its name, scaled to the mean norm of the decoder's
+    #: word embeddings (so 2 p - 1 or +-1 starts as the sum of the present entities' names over the
+    #: input); "zero" starts it at 0. From 0, AdamW moves each weight by at most about lr x steps, and
+    #: in a few hundred steps the decoder learned to read hardly any of the states (docs/experiments.md)
+    decoder_state_init: str = "names"
     #: subtract the knowledge book's mean prompt feature from every query before its projection (prompts
     #: share a large common part); off: no gain in the full demo (docs/experiments.md)
     center_queries: bool = False
@@ -131,6 +137,10 @@ class LossConfig:
     alpha: float = 0.4
     alpha_warmup_steps: int = 1000
     label_smoothing: float = 0.1
+    #: the GK entity loss on the entities a report leaves unmentioned (label -1): False skips them (the
+    #: head learns P(present | mentioned)); True counts them as absent, as the CheXpert "U-zeros" reading
+    #: of blank labels does (on SynthCXR every unmentioned entity is absent by construction)
+    unmentioned_as_absent: bool = False
     itm_seed: int = 0
     itm_sampler_backend: Optional[str] = None  # None: the model's backend ("reference" pins the draws)
 

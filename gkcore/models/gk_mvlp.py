@@ -164,6 +164,10 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
                                       self.decoder, tc.num_layers)
             if not loaded:
                 raise ValueError(f"no weight of {tc.pretrained!r} matched the text towers")
+        if gc.decoder_state_init not in ("names", "zero"):
+            raise ValueError(f"gk.decoder_state_init must be 'names' or 'zero', got {gc.decoder_state_init!r}")
+        if self.decoder.cond_proj is not None and gc.decoder_state_init == "names":
+            self._init_condition_from_names()
         self.vision_proj = nn.Linear(Dv, De)
         self.text_proj = nn.Linear(Dt, De)
         self.itm_head = nn.Linear(Dt, 2)
@@ -253,6 +257,23 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         pm = [b for _, b in pairs]
         torch._foreach_mul_(pm, m)
         torch._foreach_add_(pm, [a.detach() for a, _ in pairs], alpha=1.0 - m)
+
+    @torch.no_grad()
+    def _init_condition_from_names(self) -> None:
+        """Start the decoder's condition projection (``gk.decoder_state_init = "names"``) so that a state
+        vector s in [-1, 1]^E adds sum_e (s_e + 1) / 2 v_e to every input embedding, v_e the mean word
+        embedding of entity e's name, rescaled to the decoder's mean word-embedding norm: a present entity
+        starts as its name written into the input. No random draw."""
+        emb = self.decoder.embed.word_embeddings.weight
+        vecs = []
+        for name in K.ENTITY_NAMES:
+            ids = self.tokenizer(name, add_special_tokens=False)["input_ids"]
+            vecs.append(emb[torch.as_tensor(ids, dtype=torch.long, device=emb.device)].float().mean(0))
+        v = torch.stack(vecs, 1)  # (Dt, E)
+        v = v / v.norm(dim=0, keepdim=True).clamp_min(1e-12) * emb.float().norm(dim=1).mean()
+        proj = self.decoder.cond_proj
+        proj.weight.copy_(v / 2)
+        proj.bias.copy_(v.sum(1) / 2)
 
     def _init_lm_vocab(self, vocab: Optional[Sequence[int]], size: int) -> None:
         """Buffers of ``text.lm_vocab`` (not saved: the config rebuilds them): ``lm_rows`` (K,) the sorted

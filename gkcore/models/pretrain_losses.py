@@ -86,7 +86,10 @@ class PretrainLosses:
                                           backend=self.backend)
 
     def _gk_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """CE of the GK head's present/absent logits (B, E, 2) over the mentioned (sample, entity) pairs."""
+        """CE of the GK head's present/absent logits (B, E, 2) over the mentioned (sample, entity) pairs, or
+        over every pair with ``loss.unmentioned_as_absent`` (an unmentioned entity counts as absent)."""
+        if self.config.loss.unmentioned_as_absent:
+            labels = labels.clamp(min=0)
         known = labels >= 0  # mean over the mentioned (sample, entity) pairs; 0 when there is none (no sync)
         ce = F.cross_entropy(_acc(logits).flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none")
         return ((ce * known.flatten()).sum() / known.sum().clamp(min=1)).to(self.vision_proj.weight.dtype)
