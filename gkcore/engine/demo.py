@@ -42,12 +42,15 @@ DEFAULTS = dict(n=1200, size=256, steps=400, batch_size=16, lr=5e-4, warmup=10, 
 #: mean pairwise cosine 0.88 against 0.42), no momentum tower and no distillation (``loss.momentum`` 0 reuses
 #: the online features, a third of a step's encoder passes saved; ``loss.alpha`` 0: soft targets from a
 #: tower that is the online one teach nothing); ``run_demo`` also restricts the LM head to the training
-#: reports' tokens (``text.lm_vocab``: the head over 30522 tokens was a third of a step). The measurements
-#: behind each are in docs/experiments.md.
+#: reports' tokens (``text.lm_vocab``: the head over 30522 tokens was a third of a step); the decoder reads
+#: the entity states (``gk.decoder_entity_states``: the true states in training, ``gk.decoder_label_forcing``
+#: 1; the GK head's calibrated decisions in evaluation), through a projection that starts as the entities'
+#: names (``gk.decoder_state_init``: from 0 the decoder learned to read hardly any state in 400 steps).
+#: The measurements behind each are in docs/experiments.md.
 DEMO_OVERRIDES = {"loss.w_lm": 0.2, "gk.knowledge_encoder": "frozen", "text.share_decoder_embeddings": False,
                   "dropout": 0.0, "lr_scale.text_encoder": 0.04, "loss.queue_size": 0, "loss.w_itm": 0.0,
                   "loss.w_ecls": 0.0, "gk.center_queries": True, "loss.temperature": 0.2, "loss.momentum": 0.0,
-                  "loss.alpha": 0.0}
+                  "loss.alpha": 0.0, "gk.decoder_entity_states": True, "gk.decoder_label_forcing": 1.0}
 
 
 #: label fractions of the linear probe (frozen pooled image features, logistic regression per entity)
