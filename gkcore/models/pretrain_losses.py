@@ -88,10 +88,10 @@ class PretrainLosses:
     def _gk_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """CE of the GK head's present/absent logits (B, E, 2) over the mentioned (sample, entity) pairs, or
         over every pair with ``loss.unmentioned_as_absent`` (an unmentioned entity counts as absent)."""
-        if self.config.loss.unmentioned_as_absent:
-            labels = labels.clamp(min=0)
-        known = labels >= 0  # mean over the mentioned (sample, entity) pairs; 0 when there is none (no sync)
         ce = F.cross_entropy(_acc(logits).flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none")
+        if self.config.loss.unmentioned_as_absent:
+            return ce.mean().to(self.vision_proj.weight.dtype)
+        known = labels >= 0  # mean over the mentioned (sample, entity) pairs; 0 when there is none (no sync)
         return ((ce * known.flatten()).sum() / known.sum().clamp(min=1)).to(self.vision_proj.weight.dtype)
 
     def _lm_loss(self, img_tokens: torch.Tensor, gk: Dict[str, torch.Tensor], rmask: torch.Tensor,
