@@ -200,10 +200,10 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert r["train"]["steps"] == 3 and r["train"]["status"] == "completed"
     # the LM head scores only the training reports' tokens (text.lm_vocab, added unless --set names it)
     from gkcore.data import SynthCXR, report_token_ids
-    from gkcore.engine.evaluate import split_indices
+    from gkcore.engine.evaluate import split_indices, study_ids
 
     ds = SynthCXR(os.path.join(out, "synthcxr"))
-    train_idx, _ = split_indices(len(ds), 0.25, 0)
+    train_idx, _ = split_indices(len(ds), 0.25, 0, groups=study_ids(ds))
     vocab = report_token_ids([ds.records[i]["report"] for i in train_idx])
     assert r["settings"]["overrides"]["text.lm_vocab"] == vocab
     assert f"'text.lm_vocab': '<{len(vocab)} values>'" in text  # the log shows the list's length
@@ -235,6 +235,26 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     # a second run reuses the generated images
     assert main(argv + ["--steps", "1"]) == 0
     assert "reusing the synthetic set" in capsys.readouterr().out
+
+
+def test_split_keeps_the_views_of_a_study_on_one_side(synth):
+    from gkcore.engine.evaluate import split_indices, study_ids
+
+    groups = [i // 3 for i in range(30)]  # studies of three views
+    tr, te = split_indices(30, 0.3, 0, groups=groups)
+    assert sorted(tr + te) == list(range(30)) and len(te) == 9
+    assert not {groups[i] for i in tr} & {groups[i] for i in te}
+    assert split_indices(30, 0.3, 0, groups=groups) == (tr, te)  # deterministic
+    assert split_indices(30, 0.3, 1, groups=groups) != (tr, te)
+    with pytest.raises(ValueError, match="groups"):
+        split_indices(30, 0.3, 0, groups=groups[:-1])
+    # SynthCXR keeps its study ids: a second view shares its study (and report) with the image before it
+    _, ds = synth
+    ids = study_ids(ds)
+    assert ids == [int(ds[i].study_id) for i in range(len(ds))] and len(set(ids)) < len(ids)
+    tr, te = split_indices(len(ds), 0.25, 0, groups=ids)
+    assert not {ids[i] for i in tr} & {ids[i] for i in te}
+    assert study_ids(list(range(4))) is None  # a dataset that keeps no ids: each sample is its own group
 
 
 def test_demo_loss_trend_and_json_safe():

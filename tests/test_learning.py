@@ -39,7 +39,7 @@ def test_pretraining_lifts_cardiomegaly_zero_shot(tmp_path):
     torch.set_num_threads(2)
     generate(str(tmp_path / "data"), N_IMAGES, SIZE, 0, progress=False, workers=1)
     ds = SynthCXR(str(tmp_path / "data"))
-    train_idx, test_idx = EV.split_indices(len(ds), 0.25, 0)
+    train_idx, test_idx = EV.split_indices(len(ds), 0.25, 0, groups=EV.study_ids(ds))
     seed_everything(0)
     model = create_model("gk_mvlp_tiny", **DEMO_OVERRIDES, max_length=MAX_LENGTH)
     test = EV.make_loader(model, EV.Subset(ds, test_idx), batch_size=32, num_threads=0, seed=0)

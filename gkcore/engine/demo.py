@@ -268,7 +268,7 @@ def run_demo(out: str = "gkcore-demo", *, n: int = DEFAULTS["n"], size: int = DE
     else:
         log(f"[1/{stages}] reusing the synthetic set in {data_dir}")
     ds = SynthCXR(data_dir)
-    train_idx, test_idx = EV.split_indices(len(ds), eval_fraction, seed)
+    train_idx, test_idx = EV.split_indices(len(ds), eval_fraction, seed, groups=EV.study_ids(ds))
     t_data = time.perf_counter() - t0
     train_reports = [ds.records[i]["report"] for i in train_idx]
     overrides = dict(DEMO_OVERRIDES if overrides is None else overrides)

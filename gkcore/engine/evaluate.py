@@ -5,8 +5,8 @@ Every task takes a model following the model contract (``encode_image``, ``encod
 ``zero_shot_classify``, ``ground``, ``generate_report``) and batches from ``gkcore.data.build_loader``
 (keys ``image``, ``input_ids``, ``attention_mask``, ``entity_labels``, ``region_boxes``, ``region_mask``,
 ``study_id``, ``report``, ``finding_boxes``). Splits for the supervised tasks are deterministic by
-sample index: :func:`split_indices` (70 % train / 30 % test by default; the label fraction is taken
-from the train part).
+sample index and grouped by study (:func:`split_indices` with :func:`study_ids`: 70 % train / 30 % test
+by default, the views of one study on one side; the label fraction is taken from the train part).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import metrics as M
 
-__all__ = ["load_model", "make_loader", "Subset", "split_indices", "zero_shot_classification", "grounding",
+__all__ = ["load_model", "make_loader", "Subset", "split_indices", "study_ids", "zero_shot_classification", "grounding",
            "extract_features", "linear_probe", "fine_tune", "report_generation", "report_baseline", "retrieval", "vqa",
            "TASKS", "run_task"]
 
@@ -78,13 +78,46 @@ class Subset:
         return getattr(self.dataset, name)
 
 
-def split_indices(n: int, test_fraction: float = 0.3, seed: int = 0) -> Tuple[List[int], List[int]]:
-    """Deterministic shuffled split of ``range(n)`` into (train, test)."""
+def split_indices(n: int, test_fraction: float = 0.3, seed: int = 0,
+                  groups: Optional[Sequence[Any]] = None) -> Tuple[List[int], List[int]]:
+    """Deterministic shuffled split of ``range(n)`` into (train, test).
+
+    ``groups`` (n,): a key per sample (e.g. its study id); every sample of a group lands on the same
+    side, so the second view of a study (with the same report) is never held out while its first view
+    trains. Groups are shuffled and taken into the test part until it holds ``round(n * test_fraction)``
+    samples or more. None: each sample is its own group."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    perm = np.random.default_rng(seed).permutation(n)
     k = max(1, int(round(n * test_fraction)))
-    return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        perm = rng.permutation(n)
+        return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
+    if len(groups) != n:
+        raise ValueError(f"groups must have one key per sample ({n}), got {len(groups)}")
+    members: Dict[Any, List[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    keys = list(members)
+    test: List[int] = []
+    for j in rng.permutation(len(keys)):
+        if len(test) >= k:
+            break
+        test += members[keys[j]]
+    held = set(test)
+    return [i for i in range(n) if i not in held], sorted(test)
+
+
+def study_ids(dataset) -> Optional[List[int]]:
+    """The study id of every sample of ``dataset`` without loading its images, where the dataset keeps
+    them (SynthCXR's ``records``, the adapters' ``samples``); None otherwise."""
+    recs = getattr(dataset, "records", None)
+    if recs is not None and len(recs) == len(dataset) and all("study_id" in r for r in recs):
+        return [int(r["study_id"]) for r in recs]
+    samples = getattr(dataset, "samples", None)
+    if samples is not None and len(samples) == len(dataset):
+        return [int(s.study_id) for s in samples]
+    return None
 
 
 def label_fraction_indices(indices: Sequence[int], fraction: float, seed: int = 0, minimum: int = 4) -> List[int]:
@@ -477,7 +510,7 @@ def run_task(task: str, model, dataset, *, batch_size: int = 16, device: str = "
         return report_generation(model, loader(), max_batches=max_batches)
     if task == "retrieval":
         return retrieval(model, loader(), max_batches=max_batches)
-    tr, te = split_indices(len(dataset), seed=seed)
+    tr, te = split_indices(len(dataset), seed=seed, groups=study_ids(dataset))
     if task == "vqa":
         return vqa(model, dataset, tr, te, batch_size=batch_size, device=device, seed=seed, max_batches=max_batches)
     if task == "linear-probe":
