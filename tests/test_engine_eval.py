@@ -165,6 +165,39 @@ def test_pretrain_and_eval_commands(synth, tmp_path, capsys):
         assert 0.0 <= json.load(open(js))["macro"] <= 1.0
 
 
+def test_pretrain_calibrates_the_decoders_states_on_the_training_images(synth, tmp_path):
+    """``gkcore pretrain`` with the decoder's entity decisions (``gk.decoder_label_forcing`` > 0) saves a
+    model whose window holds the eval-mode GK margins of the training images, not the training steps'."""
+    from gkcore.cli import main
+    from gkcore.models import GKMVLP
+
+    root, ds = synth
+    out = str(tmp_path / "run")
+    over = {**OVERRIDES, "gk.decoder_entity_states": True, "gk.decoder_label_forcing": 1.0,
+            "gk.decoder_state_rule": "accuracy"}
+    sets = [f"--set={k}={json.dumps(v)}" for k, v in over.items()]
+    assert main(["pretrain", "--preset", "gk_mvlp_tiny", "--data", f"synth:{root}", "--out", out, "--steps", "1",
+                 "--batch-size", str(BATCH), "--warmup", "1", "--num-threads", "0", "--no-progress",
+                 "--device", "cpu"] + sets) == 0
+    model = GKMVLP.load(os.path.join(out, "model.safetensors")).eval()
+    assert int(model.state_seen) == len(ds)  # every training image, where a step saw only BATCH
+    assert torch.equal(model.state_present[:len(ds)], torch.tensor(np.stack([ds[i].entity_labels for i in
+                                                                              range(len(ds))]) == 1))
+    loader = EV.make_loader(model, ds, batch_size=BATCH, num_threads=0)
+    with torch.no_grad():
+        m = torch.cat([_margins(model, b) for b in loader])
+    torch.testing.assert_close(model.state_margins[:len(ds)], m, atol=1e-4, rtol=1e-4)
+
+
+def _margins(model, b):
+    img = model._images(b["image"])
+    tokens = model.visual(img)
+    boxes, rmask = model.detector(img, b["region_boxes"], b["region_mask"])
+    feats, _ = model.knowledge_book()
+    lg = model._run_gk(tokens[:, 1:], boxes, rmask, feats, book=feats)["logits"]
+    return lg[..., 1] - lg[..., 0]
+
+
 def test_paint_regions_spreads_each_score_over_its_box():
     h = EV._paint_regions(np.array([0.6, 0.4]), np.array([[0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 1.0, 1.0]]), size=4)
     want = np.zeros((4, 4))

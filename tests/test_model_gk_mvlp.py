@@ -765,6 +765,58 @@ def test_decoder_label_forcing_feeds_the_true_states_in_training_only(tmp_path):
     torch.testing.assert_close(back.state_margins, model.state_margins)
 
 
+def test_decoder_state_rule_accuracy_and_calibrate_states():
+    """``gk.decoder_state_rule`` "accuracy": per entity the threshold on the window that makes the most
+    right decisions (an entity no threshold helps is never called present, a sure one always); a bad rule
+    is refused by name. ``calibrate_states`` refills the window from a loader in eval mode (the margins
+    the eval-mode GK head gives those images and their labels), leaves the training mode as it was, and
+    refuses a model without the window."""
+    with pytest.raises(ValueError, match="decoder_state_rule"):
+        micro(gk__decoder_entity_states=True, gk__decoder_label_forcing=1.0, gk__decoder_state_rule="f1")
+    with pytest.raises(ValueError, match="calibrate_states needs"):
+        micro(gk__decoder_entity_states=True).calibrate_states([])
+    model = micro(gk__decoder_entity_states=True, gk__decoder_label_forcing=1.0, gk__decoder_state_rule="accuracy")
+    E = model.state_margins.shape[1]
+    # a hand-made window of 6 samples: entity 0 separable at 0.5, entity 1 never worth calling (1 of 6
+    # present, with the lowest margin), entity 2 always present, the others as entity 1
+    m = torch.tensor([[3.0, 2.0, 0.1], [2.0, 1.0, 0.2], [1.0, 0.5, 0.3], [0.0, 0.4, 0.4], [-1.0, 0.3, 0.5],
+                      [-2.0, -5.0, 0.6]])
+    pres = torch.tensor([[1, 0, 1], [1, 0, 1], [1, 0, 1], [0, 0, 1], [0, 0, 1], [0, 1, 1]], dtype=torch.bool)
+    model.state_margins[:6, :3], model.state_present[:6, :3] = m, pres
+    model.state_margins[:6, 3:], model.state_present[:6, 3:] = m[:, 1:2], pres[:, 1:2]
+    model.state_seen.fill_(6)
+    q = torch.zeros(3, E)
+    q[:, 0] = torch.tensor([0.9, 0.0, 5.0])
+    q[:, 1] = torch.tensor([9.0, 0.0, -9.0])
+    q[:, 2] = torch.tensor([-9.0, 0.0, 9.0])
+    got = model._entity_states(q)
+    assert got[:, 0].tolist() == [True, False, True]  # the top three called: present above the fourth margin, 0
+    assert not got[:, 1].any() and not got[:, 3:].any()
+    assert got[:, 2].all()
+    model.config.gk.decoder_state_rule = "prevalence"  # the same window: as many called as labelled present
+    prev = model._entity_states(q)
+    assert prev[0, 1] and not prev[2, 1]  # entity 1 (1 of 6 present): present above the second margin, 1
+    model.config.gk.decoder_state_rule = "accuracy"
+    # calibrate_states: eval-mode margins of the loader's images
+    torch.manual_seed(0)
+    batches = [make_batch(model, B=4, seed=s) for s in (5, 6)]
+    model.train()
+    n = model.calibrate_states(batches)
+    assert n == 8 and int(model.state_seen) == 8 and model.training
+    model.eval()
+    with torch.no_grad():
+        want = []
+        for b in batches:
+            lg = _gk_out(model, b)["logits"]
+            want.append(lg[..., 1] - lg[..., 0])
+    torch.testing.assert_close(model.state_margins[:8], torch.cat(want))
+    assert torch.equal(model.state_present[:8], torch.cat([b["entity_labels"] == 1 for b in batches]))
+    assert not model.state_margins[8:].any()
+    assert model.calibrate_states(batches, max_batches=1) == 4 and int(model.state_seen) == 4
+    with pytest.raises(ValueError, match="entity_labels"):
+        model.calibrate_states([{k: v for k, v in batches[0].items() if k != "entity_labels"}])
+
+
 def test_text_max_length_cuts_the_encoder_input_and_not_the_decoder():
     """``text_max_length``: the report encoder reads the first N word pieces (SEP closing a cut row) in
     training and in ``encode_text``, while the decoder's LM loss still reads the whole report; padding

@@ -208,6 +208,11 @@ def cmd_pretrain(args) -> int:
             return 2
         if info.is_main:
             if res.status == "completed":
+                if getattr(model, "_state_window", 0):  # the decoder's decisions, scored as generation sees images
+                    model.calibrate_states(build_loader(
+                        dataset, batch_size, model.config.image_size, tokenizer=getattr(model, "tokenizer", None),
+                        max_length=model.config.max_length, channels=model.config.channels, train=False,
+                        device=str(info.device), num_threads=args.num_threads, seed=config.seed))
                 path = os.path.join(args.out, "model.safetensors")
                 model.save(path)
                 print(f"done: {res.step} steps; final loss {res.history[-1]['loss']:.4f}; weights in {path}"

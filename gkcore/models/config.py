@@ -118,6 +118,11 @@ class GKConfig:
     #: input); "zero" starts it at 0. From 0, AdamW moves each weight by at most about lr x steps, and
     #: in a few hundred steps the decoder learned to read hardly any of the states (docs/experiments.md)
     decoder_state_init: str = "names"
+    #: the threshold per entity that turns the GK head's margin into the decoder's decision (with
+    #: ``decoder_label_forcing`` > 0), from the window of training samples: "prevalence" calls as many
+    #: present as were labelled present; "accuracy" makes the most right decisions (an entity the head
+    #: cannot pick out is never called present). ``GKMVLP.calibrate_states`` refills the window in eval mode
+    decoder_state_rule: str = "prevalence"
     #: subtract the knowledge book's mean prompt feature from every query before its projection (prompts
     #: share a large common part); off: no gain in the full demo (docs/experiments.md)
     center_queries: bool = False

@@ -166,6 +166,8 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
                 raise ValueError(f"no weight of {tc.pretrained!r} matched the text towers")
         if gc.decoder_state_init not in ("names", "zero"):
             raise ValueError(f"gk.decoder_state_init must be 'names' or 'zero', got {gc.decoder_state_init!r}")
+        if gc.decoder_state_rule not in ("prevalence", "accuracy"):
+            raise ValueError(f"gk.decoder_state_rule must be 'prevalence' or 'accuracy', got {gc.decoder_state_rule!r}")
         if self.decoder.cond_proj is not None and gc.decoder_state_init == "names":
             self._init_condition_from_names()
         self.vision_proj = nn.Linear(Dv, De)
@@ -567,18 +569,72 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
 
     def _entity_states(self, margin: torch.Tensor) -> torch.Tensor:
         """Present / not decisions (B, E) bool from the GK head's margins (B, E) (logit present - logit
-        absent), calibrated by prevalence: an entity is present where its margin is above the margin that
-        as many of the window's training samples exceed as were labelled present (a label of -1 counts
-        as not present). The GK head's own p = P(present | mentioned) cannot be thresholded: reports
-        leave most absent entities unmentioned, and its p on those is high."""
+        absent), with a threshold per entity from the window of training samples (a label of -1 counts
+        as not present). ``gk.decoder_state_rule`` "prevalence": present where the margin is above the
+        margin that as many of the window's samples exceed as were labelled present; "accuracy": the
+        threshold that makes the most right decisions on the window (never present where calling any
+        sample present gains nothing). The GK head's own p = P(present | mentioned) cannot be
+        thresholded: reports leave most absent entities unmentioned, and its p on those is high."""
         n = min(int(self.state_seen), self.state_margins.shape[0])
         if n == 0:
             return torch.zeros_like(margin, dtype=torch.bool)
-        ranked = self.state_margins[:n].sort(0, descending=True).values  # (n, E)
-        k = self.state_present[:n].sum(0)  # present samples per entity in the window
+        ranked, order = self.state_margins[:n].sort(0, descending=True)  # (n, E)
+        present = self.state_present[:n]
+        if self.config.gk.decoder_state_rule == "accuracy":
+            # calling the top k present: (true positives - false positives) = 2 tp(k) - k; k = 0 first, so a
+            # tie keeps the fewer calls
+            tp = present.gather(0, order).long().cumsum(0)
+            gain = torch.cat([tp.new_zeros(1, tp.shape[1]), 2 * tp - torch.arange(1, n + 1, device=tp.device)[:, None]])
+            k = gain.argmax(0)
+        else:
+            k = present.sum(0)  # present samples per entity in the window
         tau = ranked.gather(0, k.clamp(max=n - 1)[None]).squeeze(0)
         tau = torch.where(k >= n, torch.full_like(tau, float("-inf")), tau)
+        if self.config.gk.decoder_state_rule == "accuracy":
+            tau = torch.where(k == 0, torch.full_like(tau, float("inf")), tau)
         return margin > tau
+
+    @torch.no_grad()
+    def calibrate_states(self, loader, max_batches: Optional[int] = None) -> int:
+        """Refill the decoder's window of entity states (``gk.decoder_label_forcing`` > 0) from ``loader``'s
+        batches in eval mode: the GK head's margins on those images and their present labels replace the
+        margins seen in training (under augmentation and batch statistics). Call it after training with the
+        training images without augmentation, so that generation decides as the images it will see are
+        scored. Returns the number of samples in the window (at most ``STATE_WINDOW``)."""
+        if not self._state_window:
+            raise ValueError("calibrate_states needs the decoder's entity states: gk.decoder_entity_states "
+                             "with gk.decoder_label_forcing > 0")
+        was = self.training
+        self.eval()
+        dev = self.state_margins.device
+        ms, ps = [], []
+        try:
+            for i, b in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                for key in ("image", "entity_labels", "region_boxes", "region_mask"):
+                    if key not in b:
+                        raise ValueError(f"calibrate_states: every batch needs {key!r}")
+                images = self._images(b["image"].to(dev))
+                tokens = self.visual(images)
+                boxes, rmask = self.detector(images, b["region_boxes"].to(dev, images.dtype), b["region_mask"].to(dev))
+                feats, _ = self.knowledge_book()
+                lg = self._run_gk(tokens[:, 1:], boxes, rmask, feats, book=feats)["logits"]
+                ms.append((lg[..., 1] - lg[..., 0]).float())
+                ps.append(b["entity_labels"].to(dev) == 1)
+                if sum(len(m) for m in ms) >= self.state_margins.shape[0]:
+                    break
+        finally:
+            self.train(was)
+        if not ms:
+            raise ValueError("calibrate_states: the loader gave no batch")
+        m, p = torch.cat(ms)[:self.state_margins.shape[0]], torch.cat(ps)[:self.state_margins.shape[0]]
+        self.state_margins.zero_()
+        self.state_present.zero_()
+        self.state_margins[:len(m)] = m
+        self.state_present[:len(m)] = p
+        self.state_seen.fill_(len(m))
+        return len(m)
 
     def _encoder_text(self, ids: torch.Tensor, att: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The part of the reports (B, L) that the report encoder reads: the first ``text_max_length`` word
