@@ -185,17 +185,9 @@ def test_pretrain_calibrates_the_decoders_states_on_the_training_images(synth, t
                                                                               range(len(ds))]) == 1))
     loader = EV.make_loader(model, ds, batch_size=BATCH, num_threads=0)
     with torch.no_grad():
-        m = torch.cat([_margins(model, b) for b in loader])
-    torch.testing.assert_close(model.state_margins[:len(ds)], m, atol=1e-4, rtol=1e-4)
-
-
-def _margins(model, b):
-    img = model._images(b["image"])
-    tokens = model.visual(img)
-    boxes, rmask = model.detector(img, b["region_boxes"], b["region_mask"])
-    feats, _ = model.knowledge_book()
-    lg = model._run_gk(tokens[:, 1:], boxes, rmask, feats, book=feats)["logits"]
-    return lg[..., 1] - lg[..., 0]
+        lg = torch.cat([model._gk_infer(b["image"], None, b["region_boxes"], b["region_mask"])[3]["logits"]
+                        for b in loader])
+    torch.testing.assert_close(model.state_margins[:len(ds)], lg[..., 1] - lg[..., 0], atol=1e-4, rtol=1e-4)
 
 
 def test_paint_regions_spreads_each_score_over_its_box():

@@ -181,10 +181,11 @@ def cmd_pretrain(args) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        loader = build_loader(dataset, batch_size, model.config.image_size, tokenizer=getattr(model, "tokenizer", None),
-                              max_length=model.config.max_length, channels=model.config.channels, train=True,
-                              device=str(info.device), rank=info.rank, world_size=info.world_size,
-                              num_threads=args.num_threads, seed=config.seed)
+        data_kw = dict(tokenizer=getattr(model, "tokenizer", None), max_length=model.config.max_length,
+                       channels=model.config.channels, device=str(info.device), num_threads=args.num_threads,
+                       seed=config.seed)
+        loader = build_loader(dataset, batch_size, model.config.image_size, train=True, rank=info.rank,
+                              world_size=info.world_size, **data_kw)
         if info.is_main:
             print(f"pretrain {preset}: {len(dataset)} samples, {len(loader)} batches/epoch per process, "
                   f"{info.world_size} process(es) on {info.device}", file=sys.stderr)
@@ -209,10 +210,8 @@ def cmd_pretrain(args) -> int:
         if info.is_main:
             if res.status == "completed":
                 if getattr(model, "_state_window", 0):  # the decoder's decisions, scored as generation sees images
-                    model.calibrate_states(build_loader(
-                        dataset, batch_size, model.config.image_size, tokenizer=getattr(model, "tokenizer", None),
-                        max_length=model.config.max_length, channels=model.config.channels, train=False,
-                        device=str(info.device), num_threads=args.num_threads, seed=config.seed))
+                    model.calibrate_states(build_loader(dataset, batch_size, model.config.image_size, train=False,
+                                                        **data_kw))
                 path = os.path.join(args.out, "model.safetensors")
                 model.save(path)
                 print(f"done: {res.step} steps; final loss {res.history[-1]['loss']:.4f}; weights in {path}"

@@ -79,7 +79,7 @@ from .encoders import (FusionEncoder, ImageEncoder, ReportDecoder, TextEncoder, 
                        load_bert_state, text_config_from_pretrained)
 from .generation import ReportGeneration
 from .gk_module import GKModule
-from .inference import InferenceAPI
+from .inference import InferenceAPI, inference
 from .persistence import Persistence
 from .pretrain_losses import PretrainLosses
 
@@ -594,7 +594,7 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
             tau = torch.where(k == 0, torch.full_like(tau, float("inf")), tau)
         return margin > tau
 
-    @torch.no_grad()
+    @inference
     def calibrate_states(self, loader, max_batches: Optional[int] = None) -> int:
         """Refill the decoder's window of entity states (``gk.decoder_label_forcing`` > 0) from ``loader``'s
         batches in eval mode: the GK head's margins on those images and their present labels replace the
@@ -604,31 +604,21 @@ class GKMVLP(PretrainLosses, InferenceAPI, ReportGeneration, Persistence, nn.Mod
         if not self._state_window:
             raise ValueError("calibrate_states needs the decoder's entity states: gk.decoder_entity_states "
                              "with gk.decoder_label_forcing > 0")
-        was = self.training
-        self.eval()
-        dev = self.state_margins.device
-        ms, ps = [], []
-        try:
-            for i, b in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                for key in ("image", "entity_labels", "region_boxes", "region_mask"):
-                    if key not in b:
-                        raise ValueError(f"calibrate_states: every batch needs {key!r}")
-                images = self._images(b["image"].to(dev))
-                tokens = self.visual(images)
-                boxes, rmask = self.detector(images, b["region_boxes"].to(dev, images.dtype), b["region_mask"].to(dev))
-                feats, _ = self.knowledge_book()
-                lg = self._run_gk(tokens[:, 1:], boxes, rmask, feats, book=feats)["logits"]
-                ms.append((lg[..., 1] - lg[..., 0]).float())
-                ps.append(b["entity_labels"].to(dev) == 1)
-                if sum(len(m) for m in ms) >= self.state_margins.shape[0]:
-                    break
-        finally:
-            self.train(was)
+        room, dev = self.state_margins.shape[0], self.state_margins.device
+        ms, ps, seen = [], [], 0
+        for i, b in enumerate(loader):
+            if (max_batches is not None and i >= max_batches) or seen >= room:
+                break
+            for key in ("image", "entity_labels", "region_boxes", "region_mask"):
+                if key not in b:
+                    raise ValueError(f"calibrate_states: every batch needs {key!r}")
+            lg = self._gk_infer(b["image"], None, b["region_boxes"], b["region_mask"])[3]["logits"]
+            ms.append((lg[..., 1] - lg[..., 0]).float())
+            ps.append(b["entity_labels"].to(dev) == 1)
+            seen += len(lg)
         if not ms:
             raise ValueError("calibrate_states: the loader gave no batch")
-        m, p = torch.cat(ms)[:self.state_margins.shape[0]], torch.cat(ps)[:self.state_margins.shape[0]]
+        m, p = torch.cat(ms)[:room], torch.cat(ps)[:room]
         self.state_margins.zero_()
         self.state_present.zero_()
         self.state_margins[:len(m)] = m
