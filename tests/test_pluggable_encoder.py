@@ -46,14 +46,16 @@ def nogk():
 
 
 # ----------------------------------------------------------------------------------------- encoders
-@pytest.mark.parametrize("name,fi,size,grid,width", [
-    ("vit_tiny_patch16_224", None, 32, (2, 2), 192),   # ViT: CLS + patch tokens
-    ("resnet10t", 3, 64, (4, 4), 256),                 # ResNet layer3 (stride 16), global average first
-    ("resnet10t", None, 64, (2, 2), 512),              # the final feature map (stride 32)
+@pytest.mark.parametrize("name,fi,size,grid,width,stride", [
+    ("vit_tiny_patch16_224", None, 32, (2, 2), 192, None),   # ViT: CLS + patch tokens
+    ("resnet10t", 3, 64, (4, 4), 256, None),                 # ResNet layer3 (stride 16), global average first
+    ("resnet10t", 3, 64, (8, 8), 256, 8),                    # layer3 dilated: a grid twice as fine
+    ("resnet10t", None, 64, (2, 2), 512, None),              # the final feature map (stride 32)
 ])
-def test_image_encoder_tokens_from_any_timm_model(name, fi, size, grid, width):
+def test_image_encoder_tokens_from_any_timm_model(name, fi, size, grid, width, stride):
     kw = dict(depth=1) if name.startswith("vit") else {}
-    enc = ImageEncoder(VisionConfig(model_name=name, feature_index=fi, **kw), image_size=size, channels=1)
+    enc = ImageEncoder(VisionConfig(model_name=name, feature_index=fi, output_stride=stride, **kw), image_size=size,
+                       channels=1)
     assert enc.grid_size == grid and enc.width == width
     x = torch.randn(2, 1, size, size)
     enc.eval()
@@ -61,6 +63,17 @@ def test_image_encoder_tokens_from_any_timm_model(name, fi, size, grid, width):
     assert out.shape == (2, 1 + grid[0] * grid[1], width)
     if not name.startswith("vit"):  # CNN: the pooled token is the mean of the cells
         torch.testing.assert_close(out[:, 0], out[:, 1:].mean(1))
+
+
+@pytest.mark.parametrize("name,stride,match", [
+    ("resnet10t", 4, "output_stride"),              # timm's ResNet dilates to 8, 16 or 32 only
+    ("resnet10t", 0, "positive int"),
+    ("vit_tiny_patch16_224", 8, "output_stride"),   # a ViT has no strides to dilate
+])
+def test_image_encoder_output_stride_it_cannot_take_names_the_argument(name, stride, match):
+    fi, kw = (None, dict(depth=1)) if name.startswith("vit") else (3, {})
+    with pytest.raises(ValueError, match=match):
+        ImageEncoder(VisionConfig(model_name=name, feature_index=fi, output_stride=stride, **kw), image_size=64, channels=1)
 
 
 def test_presets_image_encoders_on_meta_device():

@@ -26,6 +26,9 @@ class VisionConfig:
     channels). ``feature_index`` picks an intermediate stage through timm's ``features_only`` (e.g. 3 =
     ResNet's layer3, stride 16, as MedKLIP does); None = the model's final feature map. ``patch_size``,
     ``embed_dim``, ``depth``, ``num_heads``: ViT shape overrides, passed to timm only when not None.
+    ``output_stride`` (convolutional models that take it, e.g. ResNet) dilates the last stages instead of
+    striding them, so the grid is image_size / output_stride (8: twice as fine as ResNet's layer3; the same
+    weights, 4x the last stage's work); None = the model's own strides.
     ``checkpoint`` is an optional local file (timm/PyTorch or safetensors) loaded with channel (and ViT
     position-embedding) adaptation; never a hub id.
 
@@ -40,6 +43,7 @@ class VisionConfig:
     embed_dim: Optional[int] = None
     depth: Optional[int] = None
     num_heads: Optional[int] = None
+    output_stride: Optional[int] = None
     checkpoint: Optional[str] = None
     drop_path_rate: float = 0.0
     stem: str = "patch"

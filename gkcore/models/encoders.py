@@ -93,6 +93,10 @@ class ImageEncoder(nn.Module):
         kw: Dict = dict(in_chans=channels)
         if cfg.drop_path_rate:
             kw["drop_path_rate"] = cfg.drop_path_rate
+        if cfg.output_stride is not None:
+            if isinstance(cfg.output_stride, bool) or not isinstance(cfg.output_stride, int) or cfg.output_stride < 1:
+                raise ValueError(f"vision.output_stride must be a positive int or None, got {cfg.output_stride!r}")
+            kw["output_stride"] = cfg.output_stride
         for name in ("patch_size", "embed_dim", "depth", "num_heads"):  # ViT shape overrides
             if getattr(cfg, name) is not None:
                 kw[name] = getattr(cfg, name)
@@ -108,8 +112,9 @@ class ImageEncoder(nn.Module):
             kw["pretrained"] = False
         try:
             self.backbone = _create_timm(timm, cfg.model_name, image_size, kw)
-        except (TypeError, RuntimeError) as e:
-            given = {k: kw[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "feature_index") if k in kw}
+        except (TypeError, RuntimeError, AssertionError) as e:  # timm asserts on e.g. an output_stride it lacks
+            given = {k: kw[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "feature_index", "output_stride")
+                     if k in kw}
             raise ValueError(f"vision.model_name={cfg.model_name!r} cannot be built with {given or kw}: {e}") from e
         self.features_only = cfg.feature_index is not None
         self.num_prefix = 0 if self.features_only else int(getattr(self.backbone, "num_prefix_tokens", 0) or 0)
