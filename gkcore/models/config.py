@@ -27,8 +27,8 @@ class VisionConfig:
     ResNet's layer3, stride 16, as MedKLIP does); None = the model's final feature map. ``patch_size``,
     ``embed_dim``, ``depth``, ``num_heads``: ViT shape overrides, passed to timm only when not None.
     ``output_stride`` (convolutional models that take it, e.g. ResNet) dilates the last stages instead of
-    striding them, so the grid is image_size / output_stride (8: twice as fine as ResNet's layer3; the same
-    weights, 4x the last stage's work); None = the model's own strides.
+    striding them, so no stage's stride exceeds it (8: resnet10t's layer3 gives a grid twice as fine, with
+    the same weights and 4x that stage's work); None = the model's own strides.
     ``checkpoint`` is an optional local file (timm/PyTorch or safetensors) loaded with channel (and ViT
     position-embedding) adaptation; never a hub id.
 

@@ -62,6 +62,10 @@ def _create_timm(timm, name: str, image_size: int, kw: Dict) -> nn.Module:
     return timm.create_model(name, **kw)
 
 
+#: VisionConfig fields passed to timm as they are, only when not None (ViT shapes, a CNN's output stride)
+_TIMM_OVERRIDES = ("patch_size", "embed_dim", "depth", "num_heads", "output_stride")
+
+
 class ImageEncoder(nn.Module):
     """Any timm image model with a spatial feature map: images (B, C, H, W) -> tokens (B, 1 + gh*gw, Dv).
 
@@ -93,11 +97,10 @@ class ImageEncoder(nn.Module):
         kw: Dict = dict(in_chans=channels)
         if cfg.drop_path_rate:
             kw["drop_path_rate"] = cfg.drop_path_rate
-        if cfg.output_stride is not None:
-            if isinstance(cfg.output_stride, bool) or not isinstance(cfg.output_stride, int) or cfg.output_stride < 1:
-                raise ValueError(f"vision.output_stride must be a positive int or None, got {cfg.output_stride!r}")
-            kw["output_stride"] = cfg.output_stride
-        for name in ("patch_size", "embed_dim", "depth", "num_heads"):  # ViT shape overrides
+        os_ = cfg.output_stride
+        if os_ is not None and (isinstance(os_, bool) or not isinstance(os_, int) or os_ < 1):
+            raise ValueError(f"vision.output_stride must be a positive int or None, got {os_!r}")
+        for name in _TIMM_OVERRIDES:
             if getattr(cfg, name) is not None:
                 kw[name] = getattr(cfg, name)
         if cfg.feature_index is not None:
@@ -113,8 +116,7 @@ class ImageEncoder(nn.Module):
         try:
             self.backbone = _create_timm(timm, cfg.model_name, image_size, kw)
         except (TypeError, RuntimeError, AssertionError) as e:  # timm asserts on e.g. an output_stride it lacks
-            given = {k: kw[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "feature_index", "output_stride")
-                     if k in kw}
+            given = {k: kw[k] for k in (*_TIMM_OVERRIDES, "feature_index") if k in kw}
             raise ValueError(f"vision.model_name={cfg.model_name!r} cannot be built with {given or kw}: {e}") from e
         self.features_only = cfg.feature_index is not None
         self.num_prefix = 0 if self.features_only else int(getattr(self.backbone, "num_prefix_tokens", 0) or 0)
